@@ -1,0 +1,41 @@
+# qlora_jax developer commands. `make test` creates .venv (Python 3.12) on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: venv test lint format bench fixtures clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+	@$(PYTHON) -c 'import sys; v = sys.version_info[:2]; sys.exit(0 if v == (3, 12) else f"qlora_jax needs Python 3.12 (jax 0.11.2); $(PYTHON) is {v[0]}.{v[1]}. Install 3.12 (pyenv reads .python-version) or run: make PYTHON=python3.12 ...")'
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(STAMP)
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+bench: $(STAMP)
+	$(PY) -m experiments.bench_quant
+
+# Regenerate the bitsandbytes golden fixtures (needs Python 3.11 and the CPU torch wheel; see tests/README.md).
+fixtures:
+	test -x /tmp/bnbenv/bin/python || python3.11 -m venv /tmp/bnbenv
+	/tmp/bnbenv/bin/pip install --quiet torch==2.13.0 bitsandbytes==0.50.2 safetensors numpy
+	/tmp/bnbenv/bin/python tests/fixtures/make_bnb_fixtures.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

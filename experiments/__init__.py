@@ -1,0 +1,1 @@
+"""Entry points and benchmarks (run as `python -m experiments.<name>`)."""
