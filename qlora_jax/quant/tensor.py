@@ -1,0 +1,335 @@
+"""``QuantizedTensor``: the packed 4-bit tensor, and its public quantize/dequantize/bnb API."""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qlora_jax.quant import blockwise, codebooks
+
+_DTYPE_NAMES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@flax.struct.dataclass
+class QuantizedTensor:
+    """A tensor stored as block-wise absmax 4-bit codes, bitsandbytes' layout byte for byte.
+
+    Layout (array fields, the pytree leaves):
+
+    * ``packed`` — uint8 ``[ceil(n / 2)]``: the codes of the row-major flattened tensor, two per
+      byte, the even-index element in the high nibble. An odd ``n`` pads the last low nibble with
+      the code of a zero. (bitsandbytes stores the same bytes as ``[ceil(n / 2), 1]``.)
+    * ``absmax`` — per quantization block of ``block_size`` elements: float32 ``max |x|``, or with
+      double quantization uint8 codes into the signed 8-bit dynamic map.
+    * ``nested_absmax`` — float32 ``[ceil(nblocks / nested_block_size)]``, double quant only.
+    * ``offset`` — float32 scalar, the mean subtracted from ``absmax`` before double quant.
+
+    Static fields (pytree metadata; part of the jit cache key, never traced): ``shape``,
+    ``dtype`` (name of the original dtype, the default dequantize dtype), ``quant_type``
+    (``"nf4" | "fp4" | "int4"``), ``block_size`` and ``nested_block_size`` (``None`` without
+    double quant).
+
+    Invariants: ``y = dequantize(quantize(x))`` has ``x``'s shape and dtype, and each element is
+    the type's code value nearest to ``x / absmax`` (bitsandbytes' CUDA thresholds), times the
+    block's absmax — so ``|y - x| <= max_gap / 2 * absmax`` with ``max_gap`` the largest gap of
+    the code table (plus the absmax error of double quantization). Blocks whose elements are all
+    zero dequantize to exact zeros. ``quantize(dequantize(qt))`` reproduces ``qt``'s codes.
+    """
+
+    packed: jax.Array
+    absmax: jax.Array
+    nested_absmax: jax.Array | None = None
+    offset: jax.Array | None = None
+    shape: tuple[int, ...] = flax.struct.field(pytree_node=False, default=())
+    dtype: str = flax.struct.field(pytree_node=False, default="float32")
+    quant_type: str = flax.struct.field(pytree_node=False, default="nf4")
+    block_size: int = flax.struct.field(pytree_node=False, default=64)
+    nested_block_size: int | None = flax.struct.field(pytree_node=False, default=None)
+
+    @property
+    def double_quant(self) -> bool:
+        return self.nested_block_size is not None
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def num_blocks(self) -> int:
+        return blockwise.num_blocks(self.size, self.block_size)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored arrays (packed codes and block constants).
+
+        The code tables (64 B and 1 KiB) are constants of the type, not of the tensor, and are
+        not counted; bitsandbytes' serialized form repeats them per tensor.
+        """
+        leaves = (self.packed, self.absmax, self.nested_absmax, self.offset)
+        return int(sum(np.dtype(a.dtype).itemsize * int(np.prod(a.shape)) for a in leaves if a is not None))
+
+    @property
+    def bits_per_param(self) -> float:
+        """Stored bits per element: ~4.5 for plain absmax at block 64, ~4.127 with double quant."""
+        return 8 * self.nbytes / self.size
+
+
+def _check_choice(value, allowed, what: str) -> None:
+    if value not in allowed:
+        raise ValueError(f"{what} must be one of {tuple(allowed)}; got {value!r}")
+
+
+def _float_dtype_name(dtype, what: str) -> str:
+    try:
+        name = jnp.dtype(dtype).name
+    except TypeError:
+        name = None
+    if name not in _DTYPE_NAMES:
+        raise ValueError(f"{what} must be a float dtype, one of {tuple(_DTYPE_NAMES)}; got {dtype!r}")
+    return name
+
+
+def check_finite(x, name: str = "x") -> None:
+    """Raise ``ValueError`` if ``x`` holds NaN or ±Inf, saying how many and where.
+
+    Call it outside ``jit`` (it reads values). :func:`quantize` calls it with
+    ``check_finite=True``.
+    """
+    if isinstance(x, jax.core.Tracer):
+        raise ValueError(
+            f"check_finite({name}) needs concrete values, but {name} is traced inside jit: call "
+            "qlora_jax.quant.check_finite outside the jitted function."
+        )
+    a = np.asarray(jax.device_get(x)).astype(np.float32)
+    bad = ~np.isfinite(a)
+    count = int(bad.sum())
+    if count:
+        first = [tuple(int(i) for i in idx) for idx in np.argwhere(bad)[:5]]
+        raise ValueError(
+            f"{name} has {count} non-finite values of {a.size} (NaN: {int(np.isnan(a).sum())}, "
+            f"+Inf: {int(np.isposinf(a).sum())}, -Inf: {int(np.isneginf(a).sum())}); first at "
+            f"indices {first}. A block holding one dequantizes to NaN in every element."
+        )
+
+
+_check_finite = check_finite  # quantize's `check_finite` flag shadows the function
+
+
+def quantize(
+    x,
+    quant_type: str = "nf4",
+    block_size: int = 64,
+    double_quant: bool = True,
+    nested_block_size: int = 256,
+    *,
+    check_finite: bool = False,
+    name: str = "x",
+) -> QuantizedTensor:
+    """Quantize ``x`` block-wise to 4 bits, as bitsandbytes' ``quantize_4bit`` (CUDA rules).
+
+    Args:
+      x: float32, bfloat16 or float16 array of any non-empty shape. A linear weight is quantized
+        in torch's ``[out_features, in_features]`` order (blocks run along ``in_features``).
+      quant_type: ``"nf4"`` (QLoRA), ``"fp4"`` (bnb's E2M1) or ``"int4"`` (symmetric, ablations).
+      block_size: elements per absmax block: 32, 64, ..., 4096.
+      double_quant: quantize the float32 absmax again to 8 bits (QLoRA's double quantization).
+      nested_block_size: block size of the second level: 64, ..., 4096 (bnb uses 256).
+      check_finite: raise ``ValueError`` naming the count and position of NaN/Inf values
+        first (needs concrete ``x``: not inside ``jit``). Without it non-finite values are not
+        checked: a block holding NaN or ±Inf dequantizes to NaN in all its elements, and with
+        double quantization the shared offset spreads NaN to every block.
+      name: what to call ``x`` in error messages (e.g. the checkpoint tensor's name).
+
+    Returns:
+      A :class:`QuantizedTensor`. Works under ``jax.jit`` (the options are static).
+    """
+    _check_choice(quant_type, codebooks.QUANT_TYPES, "quant_type")
+    _check_choice(block_size, blockwise.BLOCK_SIZES, "block_size")
+    if double_quant:
+        _check_choice(nested_block_size, blockwise.NESTED_BLOCK_SIZES, "nested_block_size")
+    if not hasattr(x, "dtype"):
+        x = np.asarray(x)
+    dtype = _float_dtype_name(x.dtype, f"{name}.dtype")
+    if int(np.prod(x.shape, dtype=np.int64)) == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(x.shape)}): there is nothing to quantize")
+    if check_finite:
+        _check_finite(x, name)
+    return _quantize(jnp.asarray(x), quant_type, block_size, nested_block_size if double_quant else None, dtype)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _quantize(x, quant_type, block_size, nested_block_size, dtype) -> QuantizedTensor:
+    packed, absmax = blockwise.quantize_4bit_blocks(x, quant_type, block_size)
+    nested_absmax = offset = None
+    if nested_block_size is not None:
+        absmax, nested_absmax, offset = blockwise.double_quantize(absmax, nested_block_size)
+    return QuantizedTensor(
+        packed=packed,
+        absmax=absmax,
+        nested_absmax=nested_absmax,
+        offset=offset,
+        shape=tuple(x.shape),
+        dtype=dtype,
+        quant_type=quant_type,
+        block_size=block_size,
+        nested_block_size=nested_block_size,
+    )
+
+
+def block_absmax(qt: QuantizedTensor) -> jax.Array:
+    """The float32 absmax of every block (undoing double quantization if present)."""
+    if not qt.double_quant:
+        return qt.absmax
+    return blockwise.double_dequantize(qt.absmax, qt.nested_absmax, qt.offset, qt.nested_block_size)
+
+
+def dequantize(qt: QuantizedTensor, dtype=None) -> jax.Array:
+    """Reconstruct the tensor: ``dtype(table[code] * absmax)``, shape ``qt.shape``.
+
+    Args:
+      qt: a :class:`QuantizedTensor`.
+      dtype: float32, bfloat16 or float16; default the dtype ``qt`` was quantized from. The
+        product is formed in float32 and rounded once (to nearest even), as bitsandbytes.
+    """
+    if not isinstance(qt, QuantizedTensor):
+        raise ValueError(f"dequantize expects a QuantizedTensor; got {type(qt).__name__}")
+    name = _float_dtype_name(qt.dtype if dtype is None else dtype, "dtype")
+    return _dequantize(qt, name)
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _dequantize(qt: QuantizedTensor, dtype: str) -> jax.Array:
+    flat = blockwise.dequantize_4bit_blocks(
+        qt.packed, block_absmax(qt), qt.quant_type, qt.block_size, qt.size, _DTYPE_NAMES[dtype]
+    )
+    return flat.reshape(qt.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# bitsandbytes state dicts (what transformers + bitsandbytes save for a Linear4bit weight)
+
+
+def to_bnb_state_dict(qt: QuantizedTensor, prefix: str = "weight") -> dict[str, np.ndarray]:
+    """The tensors bitsandbytes serializes for this weight, keyed as ``Linear4bit`` saves them.
+
+    Keys: ``{prefix}`` (packed uint8 ``[n/2, 1]``), ``{prefix}.absmax``, ``{prefix}.quant_map``,
+    with double quant ``{prefix}.nested_absmax`` and ``{prefix}.nested_quant_map``, and
+    ``{prefix}.quant_state.bitsandbytes__{nf4|fp4}`` (uint8 UTF-8 JSON of the static fields).
+    int4 has no bitsandbytes serialization and raises ``ValueError``.
+    """
+    if qt.quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"bitsandbytes serializes only quant_type 'nf4' or 'fp4'; this tensor is {qt.quant_type!r}")
+    sd = {
+        prefix: np.asarray(qt.packed).reshape(-1, 1),
+        f"{prefix}.absmax": np.asarray(qt.absmax),
+        f"{prefix}.quant_map": codebooks.table(qt.quant_type).copy(),
+    }
+    meta: dict[str, Any] = {
+        "quant_type": qt.quant_type,
+        "blocksize": qt.block_size,
+        "dtype": qt.dtype,
+        "shape": list(qt.shape),
+    }
+    if qt.double_quant:
+        sd[f"{prefix}.nested_absmax"] = np.asarray(qt.nested_absmax)
+        sd[f"{prefix}.nested_quant_map"] = codebooks.DYNAMIC_SIGNED.copy()
+        meta.update(
+            nested_blocksize=qt.nested_block_size,
+            nested_dtype="float32",
+            nested_offset=float(np.float32(qt.offset)),
+        )
+    # json.dumps with default separators, as bitsandbytes' pack_dict_to_tensor: byte-identical.
+    sd[f"{prefix}.quant_state.bitsandbytes__{qt.quant_type}"] = np.frombuffer(
+        json.dumps(meta).encode("utf-8"), dtype=np.uint8
+    ).copy()
+    return sd
+
+
+def from_bnb_state_dict(sd: Mapping[str, Any], prefix: str = "weight") -> QuantizedTensor:
+    """Build a :class:`QuantizedTensor` from bitsandbytes' serialized tensors, without requantizing.
+
+    ``sd`` maps key to array (numpy, jax, or anything ``np.asarray`` takes; torch tensors via
+    ``.numpy()``). Raises ``ValueError`` naming the key when a tensor is missing, malformed, or
+    holds a code table other than the canonical NF4/FP4/dynamic maps.
+    """
+
+    def get(key: str, required: bool = True):
+        if key not in sd:
+            if required:
+                near = sorted(k for k in sd if k.startswith(prefix))
+                raise ValueError(f"bnb state dict has no key {key!r} (keys under {prefix!r}: {near})")
+            return None
+        v = sd[key]
+        return np.asarray(v.numpy() if hasattr(v, "numpy") and not isinstance(v, np.ndarray) else v)
+
+    state_keys = [k for k in sd if k.startswith(f"{prefix}.quant_state.bitsandbytes__")]
+    if len(state_keys) != 1:
+        raise ValueError(
+            f"bnb state dict needs exactly one '{prefix}.quant_state.bitsandbytes__<type>' key; found {state_keys}"
+        )
+    state_key = state_keys[0]
+    raw = get(state_key)
+    try:
+        meta = json.loads(raw.astype(np.uint8).tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{state_key!r} does not hold UTF-8 JSON: {e}") from None
+    for field in ("quant_type", "blocksize", "dtype", "shape"):
+        if field not in meta:
+            raise ValueError(f"{state_key!r} JSON lacks {field!r}: {meta}")
+    quant_type = meta["quant_type"]
+    _check_choice(quant_type, ("nf4", "fp4"), f"{state_key} quant_type")
+    if not state_key.endswith(quant_type):
+        raise ValueError(f"{state_key!r} names a type other than its JSON quant_type {quant_type!r}")
+    block_size = int(meta["blocksize"])
+    _check_choice(block_size, blockwise.BLOCK_SIZES, f"{state_key} blocksize")
+    dtype = _float_dtype_name(meta["dtype"], f"{state_key} dtype")
+    shape = tuple(int(s) for s in meta["shape"])
+    n = int(np.prod(shape, dtype=np.int64))
+    nb = blockwise.num_blocks(n, block_size)
+
+    def expect(key, arr, dtype, size):
+        if arr.dtype != dtype or arr.size != size:
+            raise ValueError(f"{key!r} should be {np.dtype(dtype).name}[{size}]; got {arr.dtype}{list(arr.shape)}")
+        return arr.reshape(-1)
+
+    packed = expect(prefix, get(prefix), np.uint8, (n + 1) // 2)
+    quant_map = get(f"{prefix}.quant_map")
+    if not np.array_equal(quant_map, codebooks.table(quant_type)):
+        raise ValueError(f"{prefix}.quant_map is not the canonical {quant_type} table: {quant_map.tolist()}")
+    nested = "nested_blocksize" in meta
+    absmax = expect(f"{prefix}.absmax", get(f"{prefix}.absmax"), np.uint8 if nested else np.float32, nb)
+    nested_absmax = offset = nested_block_size = None
+    if nested:
+        nested_block_size = int(meta["nested_blocksize"])
+        _check_choice(nested_block_size, blockwise.NESTED_BLOCK_SIZES, f"{state_key} nested_blocksize")
+        if meta.get("nested_dtype", "float32") != "float32":
+            raise ValueError(f"{state_key} nested_dtype must be 'float32'; got {meta['nested_dtype']!r}")
+        nested_absmax = expect(
+            f"{prefix}.nested_absmax",
+            get(f"{prefix}.nested_absmax"),
+            np.float32,
+            blockwise.num_blocks(nb, nested_block_size),
+        )
+        nested_map = get(f"{prefix}.nested_quant_map")
+        if not np.array_equal(nested_map, codebooks.DYNAMIC_SIGNED):
+            raise ValueError(f"{prefix}.nested_quant_map is not bitsandbytes' signed dynamic map")
+        offset = jnp.asarray(np.float32(meta["nested_offset"]))
+        nested_absmax = jnp.asarray(nested_absmax)
+    return QuantizedTensor(
+        packed=jnp.asarray(packed),
+        absmax=jnp.asarray(absmax),
+        nested_absmax=nested_absmax,
+        offset=offset,
+        shape=shape,
+        dtype=dtype,
+        quant_type=quant_type,
+        block_size=block_size,
+        nested_block_size=nested_block_size,
+    )
