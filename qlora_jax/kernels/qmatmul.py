@@ -1,0 +1,355 @@
+"""Pallas kernels: fused 4-bit dequantize·matmul ``y = x @ dequant(W).T`` and its backward.
+
+``W`` is a :class:`~qlora_jax.quant.QuantizedTensor` in bitsandbytes' ``[out, in]`` (``[N, K]``)
+layout, so the quantization blocks run along K. Each program computes an output tile
+``[block_m, block_n]``; its K loop steps one quantization block at a time, dequantizing the
+``[block_n, block_size]`` weight tile in registers (never written to HBM) and accumulating
+``x_tile @ w_tile.T`` in float32. The backward pass ``dx = dy @ dequant(W)`` is the same idea on
+the transposed product: a program owns ``dx[block_m, one quantization block of K]`` and loops
+over N.
+
+Terms: *block* = quantization block (``qt.block_size`` elements of K sharing an absmax);
+*tile* = a kernel program's slice of an operand (``QMatmulBlockSizes``).
+
+The frozen weight gets no gradient: :func:`qmatmul` is a ``jax.custom_vjp`` whose cotangent for
+``qt`` is zero by design (float0 for its integer leaves). Its only residual is ``qt`` itself —
+the backward pass dequantizes again rather than keeping a bf16 copy of the weight alive between
+forward and backward, which would cost 4x the quantized bytes per layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from qlora_jax import quant
+from qlora_jax.kernels.dequantize import (
+    dequantize as dequantize_kernel,
+)
+from qlora_jax.kernels.dequantize import (
+    dequantize_tile,
+    drop_alias_input,
+    load_absmax,
+    resolve_interpret,
+)
+from qlora_jax.quant import codebooks
+
+IMPLS = ("auto", "pallas", "pallas_dequant", "xla")
+KERNEL_BLOCK_SIZES = (32, 64, 128, 256)  # quantization block sizes the fused kernels take
+KERNEL_X_DTYPES = ("bfloat16", "float16")
+
+# "auto" on GPU: the fused kernel while the weight's bytes dominate (small M), the dequantize
+# kernel + cuBLAS GEMM once compute does. Provisional: set from Triton practice (a fused 4-bit
+# GEMM loses to dequantize-then-cuBLAS at large M), to be replaced by the crossover that
+# experiments/bench_kernels.py measures on a lent H100 (benchmarks/RESULTS.md).
+FUSED_MAX_M = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class QMatmulBlockSizes:
+    """Tiling of the fused kernels (each a power of two).
+
+    Attributes:
+      block_m: rows of x (tokens) per program; Triton's dot needs >= 16.
+      block_n: output features per program (forward), and the N step of the backward loop.
+      num_warps, num_stages: Triton launch parameters.
+    """
+
+    block_m: int = 16
+    block_n: int = 32
+    num_warps: int = 4
+    num_stages: int = 4
+
+    @classmethod
+    def for_shape(cls, m: int, n: int) -> QMatmulBlockSizes:
+        """Defaults for H100. Decode-sized M: narrow N tiles so a 4096-wide layer still launches
+        128 programs for 132 SMs; larger M: square tiles that reuse each dequantized weight tile
+        across more rows."""
+        if m <= 16:
+            sizes = cls(block_m=16, block_n=32, num_warps=4, num_stages=4)
+        elif m <= 256:
+            sizes = cls(block_m=64, block_n=64, num_warps=4, num_stages=3)
+        else:
+            sizes = cls(block_m=128, block_n=128, num_warps=8, num_stages=3)
+        block_n = sizes.block_n
+        while n % block_n:  # every N tile full: N is a multiple of 16 for the kernel
+            block_n //= 2
+        return dataclasses.replace(sizes, block_n=block_n)
+
+
+def _block_ids(rows: jax.Array, blocks_per_row: int, kb) -> jax.Array:
+    return rows * blocks_per_row + kb
+
+
+def _load_weight_tile(packed_ref, absmax_ref, dq_refs, row0, kb, *, block_n, qt_meta, dtype, interpret):
+    """Dequantize ``W[row0:row0+block_n, kb*block:(kb+1)*block]`` -> ``[block_n, block]`` dtype."""
+    quant_type, block_size, blocks_per_row, nested_block_size = qt_meta
+    rows = row0 + jax.lax.broadcasted_iota(jnp.int32, (block_n, 1), 0)
+    absmax = load_absmax(
+        absmax_ref,
+        dq_refs,
+        _block_ids(rows, blocks_per_row, kb),
+        nested_block_size=nested_block_size,
+        interpret=interpret,
+    )  # [block_n, 1]
+    packed = packed_ref[pl.ds(row0, block_n), pl.ds(kb * (block_size // 2), block_size // 2)]
+    return dequantize_tile(packed, absmax, quant_type, dtype)
+
+
+def _qmatmul_fwd_kernel(x_ref, packed_ref, absmax_ref, *refs, block_m, block_n, qt_meta, interpret):
+    *dq_refs, o_ref = refs
+    _, block_size, blocks_per_row, _ = qt_meta
+    i, j = pl.program_id(0), pl.program_id(1)
+
+    def body(kb, acc):
+        w = _load_weight_tile(
+            packed_ref,
+            absmax_ref,
+            tuple(dq_refs),
+            j * block_n,
+            kb,
+            block_n=block_n,
+            qt_meta=qt_meta,
+            dtype=x_ref.dtype,
+            interpret=interpret,
+        )  # [block_n, block]
+        x = x_ref[pl.ds(i * block_m, block_m), pl.ds(kb * block_size, block_size)]  # [block_m, block]
+        return acc + plgpu.dot(x, w, trans_b=True)  # fp32 accumulation
+
+    acc = jax.lax.fori_loop(0, blocks_per_row, body, jnp.zeros((block_m, block_n), jnp.float32))
+    o_ref[...] = acc.astype(o_ref.dtype)
+
+
+def _qmatmul_bwd_kernel(dy_ref, packed_ref, absmax_ref, *refs, block_m, block_n, n_tiles, qt_meta, interpret):
+    *dq_refs, o_ref = refs
+    _, block_size, _, _ = qt_meta
+    i, kb = pl.program_id(0), pl.program_id(1)
+
+    def body(t, acc):
+        w = _load_weight_tile(
+            packed_ref,
+            absmax_ref,
+            tuple(dq_refs),
+            t * block_n,
+            kb,
+            block_n=block_n,
+            qt_meta=qt_meta,
+            dtype=dy_ref.dtype,
+            interpret=interpret,
+        )  # [block_n, block]
+        dy = dy_ref[pl.ds(i * block_m, block_m), pl.ds(t * block_n, block_n)]  # [block_m, block_n]
+        return acc + plgpu.dot(dy, w)
+
+    acc = jax.lax.fori_loop(0, n_tiles, body, jnp.zeros((block_m, block_size), jnp.float32))
+    o_ref[...] = acc.astype(o_ref.dtype)
+
+
+def _weight_args(qt: quant.QuantizedTensor):
+    n, k = qt.shape
+    dq_args = ()
+    if qt.double_quant:
+        dq_args = (qt.nested_absmax, qt.offset.reshape(1), jnp.asarray(codebooks.DYNAMIC_SIGNED))
+    meta = (qt.quant_type, qt.block_size, k // qt.block_size, qt.nested_block_size)
+    return (qt.packed.reshape(n, k // 2), qt.absmax, *dq_args), meta
+
+
+def _pad_rows(a: jax.Array, multiple: int) -> jax.Array:
+    pad = (-a.shape[0]) % multiple
+    return jnp.pad(a, ((0, pad), (0, 0))) if pad else a
+
+
+def _compiler_params(bs: QMatmulBlockSizes):
+    return plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages)
+
+
+def qmatmul_fwd_pallas(x2d, qt, block_sizes: QMatmulBlockSizes, interpret: bool, out=None):
+    """``[M, K] @ dequant(W[N, K]).T -> [M, N]`` in x's dtype. ``out``: poison buffer (tests)."""
+    m = x2d.shape[0]
+    n, _ = qt.shape
+    bm, bn = block_sizes.block_m, block_sizes.block_n
+    xp = _pad_rows(x2d, bm)
+    w_args, meta = _weight_args(qt)
+    args = (xp, *w_args)
+    aliases = {}
+    kernel = functools.partial(_qmatmul_fwd_kernel, block_m=bm, block_n=bn, qt_meta=meta, interpret=interpret)
+    if out is not None:
+        args = (*args, _pad_rows(out, bm))
+        aliases = {len(args) - 1: 0}
+        kernel = functools.partial(drop_alias_input, kernel)
+    y = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((xp.shape[0], n), x2d.dtype),
+        grid=(xp.shape[0] // bm, n // bn),
+        in_specs=[pl.no_block_spec] * len(args),
+        out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
+        input_output_aliases=aliases,
+        interpret=interpret,
+        compiler_params=_compiler_params(block_sizes),
+        name=f"qmatmul_fwd_{qt.quant_type}{'_dq' if qt.double_quant else ''}",
+    )(*args)
+    return y[:m]
+
+
+def qmatmul_bwd_pallas(dy2d, qt, block_sizes: QMatmulBlockSizes, interpret: bool, out=None):
+    """``[M, N] @ dequant(W[N, K]) -> [M, K]`` in dy's dtype. ``out``: poison buffer (tests)."""
+    m = dy2d.shape[0]
+    n, k = qt.shape
+    bm, bn, bs = block_sizes.block_m, block_sizes.block_n, qt.block_size
+    dyp = _pad_rows(dy2d, bm)
+    w_args, meta = _weight_args(qt)
+    args = (dyp, *w_args)
+    aliases = {}
+    kernel = functools.partial(
+        _qmatmul_bwd_kernel, block_m=bm, block_n=bn, n_tiles=n // bn, qt_meta=meta, interpret=interpret
+    )
+    if out is not None:
+        args = (*args, _pad_rows(out, bm))
+        aliases = {len(args) - 1: 0}
+        kernel = functools.partial(drop_alias_input, kernel)
+    dx = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((dyp.shape[0], k), dy2d.dtype),
+        grid=(dyp.shape[0] // bm, k // bs),
+        in_specs=[pl.no_block_spec] * len(args),
+        out_specs=pl.BlockSpec((bm, bs), lambda i, kb: (i, kb)),
+        input_output_aliases=aliases,
+        interpret=interpret,
+        compiler_params=_compiler_params(block_sizes),
+        name=f"qmatmul_bwd_{qt.quant_type}{'_dq' if qt.double_quant else ''}",
+    )(*args)
+    return dx[:m]
+
+
+# --- Reference and the dispatching, differentiable public function ------------------------------
+
+
+def qmatmul_reference(x: jax.Array, qt: quant.QuantizedTensor) -> jax.Array:
+    """Pure jnp: ``x @ dequant(W).T`` with the weight dequantized to x's dtype, fp32 accumulation.
+
+    XLA fuses the dequantize into one pass writing the weight once in x's dtype (no float32
+    copy of the whole weight), then runs its own GEMM.
+    """
+    w = quant.dequantize(qt, x.dtype)  # [N, K]
+    y = jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return y.astype(x.dtype)
+
+
+def _reference_bwd(dy2d, qt):
+    w = quant.dequantize(qt, dy2d.dtype)
+    return jnp.dot(dy2d, w, preferred_element_type=jnp.float32).astype(dy2d.dtype)
+
+
+def kernel_supports(x_dtype, qt: quant.QuantizedTensor) -> bool:
+    """Whether the fused kernels take this weight and activation dtype."""
+    return (
+        len(qt.shape) == 2
+        and qt.block_size in KERNEL_BLOCK_SIZES
+        and qt.shape[1] % qt.block_size == 0
+        and qt.shape[0] % 16 == 0
+        and jnp.dtype(x_dtype).name in KERNEL_X_DTYPES
+    )
+
+
+def _forward(impl, x2d, qt, block_sizes, interpret):
+    if impl == "xla":
+        return qmatmul_reference(x2d, qt)
+    if impl == "pallas_dequant":
+        w = dequantize_kernel(qt, x2d.dtype, impl="pallas", interpret=interpret)
+        return jnp.dot(x2d, w.T, preferred_element_type=jnp.float32).astype(x2d.dtype)
+    return qmatmul_fwd_pallas(x2d, qt, block_sizes or QMatmulBlockSizes.for_shape(x2d.shape[0], qt.shape[0]), interpret)
+
+
+def _backward(impl, dy2d, qt, block_sizes, interpret):
+    if impl == "xla":
+        return _reference_bwd(dy2d, qt)
+    if impl == "pallas_dequant":
+        w = dequantize_kernel(qt, dy2d.dtype, impl="pallas", interpret=interpret)
+        return jnp.dot(dy2d, w, preferred_element_type=jnp.float32).astype(dy2d.dtype)
+    return qmatmul_bwd_pallas(
+        dy2d, qt, block_sizes or QMatmulBlockSizes.for_shape(dy2d.shape[0], qt.shape[0]), interpret
+    )
+
+
+def _zero_cotangent(qt: quant.QuantizedTensor):
+    def zero(a):
+        if jnp.issubdtype(a.dtype, jnp.integer):
+            return np.zeros(a.shape, dtype=jax.dtypes.float0)
+        return jnp.zeros_like(a)
+
+    return jax.tree.map(zero, qt)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3, 4))
+def _qmatmul(impl, x2d, qt, block_sizes, interpret):
+    return _forward(impl, x2d, qt, block_sizes, interpret)
+
+
+def _qmatmul_fwd(impl, x2d, qt, block_sizes, interpret):
+    return _forward(impl, x2d, qt, block_sizes, interpret), qt  # residual: the 4-bit weight only
+
+
+def _qmatmul_bwd(impl, block_sizes, interpret, qt, dy2d):
+    return _backward(impl, dy2d, qt, block_sizes, interpret), _zero_cotangent(qt)
+
+
+_qmatmul.defvjp(_qmatmul_fwd, _qmatmul_bwd)
+
+
+def choose_impl(m: int, x_dtype, qt: quant.QuantizedTensor) -> str:
+    """What ``impl="auto"`` runs for ``m`` rows of activations (see FUSED_MAX_M)."""
+    if jax.default_backend() != "gpu" or not kernel_supports(x_dtype, qt):
+        return "xla"
+    return "pallas" if m <= FUSED_MAX_M else "pallas_dequant"
+
+
+def qmatmul(
+    x: jax.Array,
+    qt: quant.QuantizedTensor,
+    *,
+    impl: str = "auto",
+    interpret: bool | None = None,
+    block_sizes: QMatmulBlockSizes | None = None,
+) -> jax.Array:
+    """``x @ dequant(qt).T``: a linear layer on a 4-bit ``[out, in]`` weight. Differentiable in x.
+
+    Args:
+      x: activations ``[..., in]`` (bf16 or fp16 for the kernels; any float for "xla").
+      qt: the frozen weight, a 2-D QuantizedTensor of shape ``[out, in]``.
+      impl: ``"auto"`` (GPU: fused kernel for small M, dequantize kernel + XLA GEMM for large M;
+        elsewhere the XLA path), ``"pallas"`` (fused kernels), ``"pallas_dequant"`` (dequantize
+        kernel + XLA GEMM) or ``"xla"`` (:func:`qmatmul_reference`).
+      interpret: run Pallas kernels in interpret mode; ``None`` = on non-GPU backends.
+      block_sizes: tiling of the fused kernels; default :meth:`QMatmulBlockSizes.for_shape`.
+
+    Returns:
+      ``[..., out]`` in x's dtype, accumulated in float32. ``jax.grad`` flows to ``x``; the
+      weight's cotangent is zero by design (it is frozen).
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
+    if not isinstance(qt, quant.QuantizedTensor) or len(qt.shape) != 2:
+        raise ValueError(f"qmatmul needs a 2-D QuantizedTensor [out, in]; got {getattr(qt, 'shape', type(qt))}")
+    n, k = qt.shape
+    if x.ndim < 1 or x.shape[-1] != k:
+        raise ValueError(f"qmatmul: x's last dimension must equal the weight's in_features {k}; x has shape {x.shape}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"qmatmul: x must be a float array; got {x.dtype}")
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, k)
+    if impl == "auto":
+        impl = choose_impl(x2d.shape[0], x.dtype, qt)
+    elif impl != "xla" and not kernel_supports(x.dtype, qt):
+        raise ValueError(
+            f"impl={impl!r} needs a 2-D weight with out_features % 16 == 0, in_features a multiple of a "
+            f"block_size in {KERNEL_BLOCK_SIZES}, and x in {KERNEL_X_DTYPES}; got weight {qt.shape} "
+            f"(block_size {qt.block_size}) and x {x.dtype}. Use impl='auto' or 'xla'."
+        )
+    interp = resolve_interpret(interpret)
+    y = _qmatmul(impl, x2d, qt, block_sizes, interp)
+    return y.reshape(*lead, n)
