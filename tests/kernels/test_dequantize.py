@@ -1,0 +1,62 @@
+"""Pallas dequantize kernel (interpret mode on CPU) against the pure-jnp reference: exactly equal."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from kernel_config import INTERPRET
+
+from qlora_jax import kernels, quant
+from qlora_jax.kernels.dequantize import DequantizeBlockSizes, dequantize_pallas, kernel_supports
+
+
+def _qt(rng, shape, quant_type, dq, block_size=64):
+    w = (rng.standard_normal(shape) * rng.uniform(0.005, 0.5)).astype(np.float32)
+    w.reshape(-1)[: block_size * 2] = 0.0  # two all-zero blocks
+    return quant.quantize(w, quant_type, block_size, dq)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("dq", [False, True])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4"])
+def test_kernel_equals_reference(fresh_rng, quant_type, dq, dtype):
+    qt = _qt(fresh_rng, (64, 256), quant_type, dq)  # 256 blocks: a grid of 4 tiles
+    poison = jnp.full(qt.shape, jnp.nan, dtype)  # elements the kernel fails to write stay NaN
+    y = dequantize_pallas(qt, dtype, interpret=INTERPRET, out=poison)
+    ref = kernels.dequantize_reference(qt, dtype)
+    assert y.dtype == ref.dtype and y.shape == ref.shape
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(ref, np.float32))
+
+
+@pytest.mark.parametrize("shape,block_size", [((4096,), 128), ((3, 8, 128), 32), ((48, 64), 64)])
+def test_kernel_shapes_and_partial_tiles(fresh_rng, shape, block_size):
+    # (48, 64) at block 64 is 48 blocks: the tile shrinks to 16 so every tile is full.
+    qt = _qt(fresh_rng, shape, "nf4", True, block_size)
+    y = kernels.dequantize(qt, jnp.bfloat16, impl="pallas", interpret=INTERPRET)
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(quant.dequantize(qt, jnp.bfloat16), np.float32))
+
+
+def test_small_tile_setting(fresh_rng):
+    qt = _qt(fresh_rng, (32, 128), "fp4", True)
+    y = kernels.dequantize(
+        qt, jnp.float32, impl="pallas", interpret=INTERPRET, block_sizes=DequantizeBlockSizes(blocks_per_tile=16)
+    )
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(quant.dequantize(qt, jnp.float32)))
+
+
+def test_auto_uses_reference_off_gpu_and_for_unsupported_shapes(fresh_rng):
+    odd = quant.quantize(fresh_rng.standard_normal(1001).astype(np.float32), "nf4", 64, True)
+    assert not kernel_supports(odd)
+    y = kernels.dequantize(odd, jnp.bfloat16)  # auto: the reference takes it
+    np.testing.assert_array_equal(
+        np.asarray(y, np.float32), np.asarray(quant.dequantize(odd, jnp.bfloat16), np.float32)
+    )
+    with pytest.raises(ValueError, match="multiple of block_size"):
+        kernels.dequantize(odd, impl="pallas", interpret=True)
+
+
+def test_bad_arguments():
+    qt = quant.quantize(np.ones((16, 64), np.float32))
+    with pytest.raises(ValueError, match="impl must be one of"):
+        kernels.dequantize(qt, impl="cuda")
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        kernels.dequantize(qt, jnp.int8)

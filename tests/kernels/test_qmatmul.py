@@ -1,0 +1,168 @@
+"""Fused dequantize·matmul (forward and custom_vjp backward) against float64 products of the
+dequantized weight; dispatch, residuals and bad input."""
+
+import jax
+import jax.ad_checkpoint
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from kernel_config import INTERPRET, MATMUL_RTOL
+
+from qlora_jax import kernels, quant
+from qlora_jax.kernels.qmatmul import (
+    QMatmulBlockSizes,
+    choose_impl,
+    kernel_supports,
+    qmatmul_bwd_pallas,
+    qmatmul_fwd_pallas,
+)
+
+N, K = 128, 256  # small: interpret mode costs about one copy of the inputs per grid step
+
+
+def _weight(rng, quant_type="nf4", dq=True, shape=(N, K), block_size=64):
+    w = (rng.standard_normal(shape) * 0.05).astype(np.float32)
+    return quant.quantize(w, quant_type, block_size, dq)
+
+
+def _w64(qt):
+    return np.asarray(quant.dequantize(qt, jnp.float32), np.float64)
+
+
+def _rel_err(got, want):
+    got = np.asarray(got, np.float64)
+    return np.linalg.norm(got - want) / np.linalg.norm(want)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("m", [1, 7, 300])
+@pytest.mark.parametrize("quant_type,dq", [("nf4", True), ("nf4", False), ("fp4", True), ("int4", False)])
+def test_forward_matches_float64(fresh_rng, quant_type, dq, m, dtype):
+    qt = _weight(fresh_rng, quant_type, dq)
+    x = jnp.asarray(fresh_rng.standard_normal((m, K)), dtype)
+    bs = QMatmulBlockSizes.for_shape(m, N)
+    poison = jnp.full((m, N), jnp.nan, dtype)
+    y = qmatmul_fwd_pallas(x, qt, bs, INTERPRET, out=poison)
+    assert y.shape == (m, N) and y.dtype == dtype
+    want = np.asarray(x, np.float64) @ _w64(qt).T
+    assert _rel_err(y, want) <= MATMUL_RTOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("m", [1, 7, 300])
+@pytest.mark.parametrize("quant_type,dq", [("nf4", True), ("fp4", False), ("int4", True)])
+def test_backward_kernel_matches_float64(fresh_rng, quant_type, dq, m, dtype):
+    qt = _weight(fresh_rng, quant_type, dq)
+    dy = jnp.asarray(fresh_rng.standard_normal((m, N)), dtype)
+    bs = QMatmulBlockSizes.for_shape(m, N)
+    poison = jnp.full((m, K), jnp.nan, dtype)
+    dx = qmatmul_bwd_pallas(dy, qt, bs, INTERPRET, out=poison)
+    assert dx.shape == (m, K) and dx.dtype == dtype
+    assert _rel_err(dx, np.asarray(dy, np.float64) @ _w64(qt)) <= MATMUL_RTOL[dtype]
+
+
+@pytest.mark.parametrize("impl", ["pallas", "pallas_dequant", "xla"])
+def test_grad_through_public_qmatmul(fresh_rng, impl):
+    qt = _weight(fresh_rng, "nf4", True)
+    x = jnp.asarray(fresh_rng.standard_normal((2, 5, K)), jnp.bfloat16)  # leading batch dims
+    dy = jnp.asarray(fresh_rng.standard_normal((2, 5, N)), jnp.bfloat16)
+    y, vjp = jax.vjp(lambda x: kernels.qmatmul(x, qt, impl=impl, interpret=INTERPRET), x)
+    (dx,) = vjp(dy)
+    w = _w64(qt)
+    assert y.shape == (2, 5, N) and dx.shape == x.shape and dx.dtype == x.dtype
+    assert _rel_err(y, np.asarray(x, np.float64) @ w.T) <= MATMUL_RTOL[jnp.bfloat16]
+    assert _rel_err(dx, np.asarray(dy, np.float64) @ w) <= MATMUL_RTOL[jnp.bfloat16]
+
+
+def test_grad_of_a_small_model(fresh_rng):
+    """jax.grad of a loss through two quantized layers and a trainable adapter, w.r.t. the adapter
+    and the input: the Pallas path agrees with the XLA path and with float64 finite structure."""
+    q1, q2 = _weight(fresh_rng, "nf4", True, (K, K)), _weight(fresh_rng, "nf4", True, (N, K))
+    adapter = jnp.asarray(fresh_rng.standard_normal((K, K)) * 0.05, jnp.float32)
+    x = jnp.asarray(fresh_rng.standard_normal((7, K)), jnp.bfloat16)
+
+    def loss(adapter, x, impl):
+        h = kernels.qmatmul(x, q1, impl=impl, interpret=INTERPRET)
+        h = jax.nn.gelu((h.astype(jnp.float32) + x.astype(jnp.float32) @ adapter).astype(jnp.bfloat16))
+        return jnp.mean(kernels.qmatmul(h, q2, impl=impl, interpret=INTERPRET).astype(jnp.float32) ** 2)
+
+    grads = jax.grad(loss, argnums=(0, 1))
+    ga, gx = grads(adapter, x, "pallas")
+    ra, rx = grads(adapter, x, "xla")
+    assert _rel_err(ga, np.asarray(ra, np.float64)) <= 2 * MATMUL_RTOL[jnp.bfloat16]
+    assert _rel_err(gx, np.asarray(rx, np.float64)) <= 2 * MATMUL_RTOL[jnp.bfloat16]
+
+
+@pytest.mark.parametrize("dq", [False, True])
+def test_frozen_weight_gets_zero_cotangent(fresh_rng, dq):
+    qt = _weight(fresh_rng, "nf4", dq)
+    x = jnp.asarray(fresh_rng.standard_normal((3, K)), jnp.bfloat16)
+    _, vjp = jax.vjp(lambda x, qt: kernels.qmatmul(x, qt, impl="xla"), x, qt)
+    _, dqt = vjp(jnp.ones((3, N), jnp.bfloat16))
+    for leaf in jax.tree.leaves(dqt):
+        if leaf.dtype == jax.dtypes.float0:
+            continue
+        np.testing.assert_array_equal(np.asarray(leaf), 0.0)
+    assert dqt.packed.dtype == jax.dtypes.float0
+
+
+def test_backward_keeps_only_the_4bit_weight(fresh_rng, capsys):
+    """The only residuals between forward and backward are the 4-bit weight's own arrays: no
+    dequantized [N, K] copy of the weight (nor x: the weight gets no gradient) is kept."""
+    qt = _weight(fresh_rng, "nf4", True)
+    x = jnp.asarray(fresh_rng.standard_normal((4, K)), jnp.bfloat16)
+    jax.ad_checkpoint.print_saved_residuals(lambda x, qt: kernels.qmatmul(x, qt, impl="xla").sum(), x, qt)
+    saved = sorted(line.split(" from ")[0] for line in capsys.readouterr().out.strip().splitlines())
+    assert saved == sorted([f"u8[{N * K // 2}]", f"u8[{N * K // 64}]", "f32[2]", "f32[]"])
+
+
+def test_auto_dispatch(monkeypatch, fresh_rng):
+    qt = _weight(fresh_rng)
+    x = jnp.asarray(fresh_rng.standard_normal((4, K)), jnp.bfloat16)
+    if jax.default_backend() != "gpu":
+        assert choose_impl(4, jnp.bfloat16, qt) == "xla"
+        assert "pallas_call" not in str(jax.make_jaxpr(lambda x: kernels.qmatmul(x, qt))(x))
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert choose_impl(1, jnp.bfloat16, qt) == "pallas"
+    assert choose_impl(64, jnp.bfloat16, qt) == "pallas"
+    assert choose_impl(4096, jnp.bfloat16, qt) == "pallas_dequant"
+    assert choose_impl(1, jnp.float32, qt) == "xla"  # kernels take bf16/fp16 activations
+    big_block = quant.quantize(np.ones((N, 4096), np.float32), "nf4", 4096, True)
+    assert choose_impl(1, jnp.bfloat16, big_block) == "xla"
+
+
+def test_kernel_support_rules():
+    assert kernel_supports(jnp.bfloat16, jax.eval_shape(lambda: quant.quantize(jnp.ones((4096, 11008)))))
+    assert not kernel_supports(jnp.bfloat16, jax.eval_shape(lambda: quant.quantize(jnp.ones((100, 256)))))
+    assert not kernel_supports(jnp.bfloat16, jax.eval_shape(lambda: quant.quantize(jnp.ones((64, 96)))))
+
+
+def test_block_sizes_divide_n():
+    assert QMatmulBlockSizes.for_shape(1, 11008).block_n == 32
+    assert QMatmulBlockSizes.for_shape(4096, 11008).block_n == 128
+    assert QMatmulBlockSizes.for_shape(4096, 48).block_n == 16
+
+
+def test_bad_input_is_named(fresh_rng):
+    qt = _weight(fresh_rng)
+    with pytest.raises(
+        ValueError, match=r"last dimension must equal the weight's in_features 256; x has shape \(3, 128\)"
+    ):
+        kernels.qmatmul(jnp.ones((3, 128), jnp.bfloat16), qt)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        kernels.qmatmul(jnp.ones((3, K), jnp.bfloat16), qt, impl="triton")
+    with pytest.raises(ValueError, match="impl='pallas' needs"):
+        kernels.qmatmul(jnp.ones((3, K), jnp.float32), qt, impl="pallas")
+    with pytest.raises(ValueError, match="2-D QuantizedTensor"):
+        kernels.qmatmul(jnp.ones((3, K), jnp.bfloat16), quant.quantize(np.ones((2, N, K), np.float32)))
+    with pytest.raises(ValueError, match="must be a float array"):
+        kernels.qmatmul(jnp.ones((3, K), jnp.int32), qt)
+
+
+def test_xla_path_materializes_the_weight_once_in_bf16(fresh_rng):
+    """One fused dequantize writes the weight in x's dtype: no float32 [N, K] buffer."""
+    qt = _weight(fresh_rng, "nf4", True, (512, 1024))
+    x = jnp.ones((8, 1024), jnp.bfloat16)
+    temp = jax.jit(kernels.qmatmul_reference).lower(x, qt).compile().memory_analysis().temp_size_in_bytes
+    bf16_weight = 2 * 512 * 1024
+    assert bf16_weight <= temp < bf16_weight + 4 * 512 * 1024 // 8  # a float32 copy would add 2 MiB
