@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The one prepared script for a lent GPU machine (jax 0.11.2 + CUDA preinstalled, no network):
+#   1. the kernel tests compiled for the GPU (QLORA_JAX_INTERPRET=0), not interpreted;
+#   2. experiments/bench_kernels.py.
+# Prints a short summary table last; full logs go to $OUT (or /tmp/gpu_check). Budget: < 5 min.
+# Usage (device tool): bash tools/gpu_check.sh
+# Dry run on a CPU (interpret mode, XLA path only): QLORA_JAX_INTERPRET=1 PY=.venv/bin/python bash tools/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu_check}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}" QLORA_JAX_INTERPRET=${QLORA_JAX_INTERPRET:-0} PYTHONUNBUFFERED=1
+PY=${PY:-python3}
+
+{
+  date -u +"%Y-%m-%dT%H:%MZ"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>&1
+  $PY -c 'import jax; print("jax", jax.__version__, jax.devices())' 2>&1
+} | tee "$OUT/env.txt"
+
+# -p no:cacheprovider: the tree may be read-only; -o addopts=: no xdist there (one GPU anyway).
+timeout 140 $PY -m pytest tests/kernels -q -p no:cacheprovider -o addopts="--strict-markers --import-mode=importlib" \
+  >"$OUT/tests.log" 2>&1
+tests_rc=$?
+timeout 150 $PY -m experiments.bench_kernels --json="$OUT/bench.json" >"$OUT/bench.log" 2>&1
+bench_rc=$?
+
+echo
+echo "== kernel tests (rc=$tests_rc) =="
+tail -n 15 "$OUT/tests.log"
+echo
+echo "== bench_kernels (rc=$bench_rc) =="
+grep -v -e "^I[0-9]" -e "^W[0-9]" "$OUT/bench.log" | tail -n 60
+exit $(( tests_rc != 0 || bench_rc != 0 ))
