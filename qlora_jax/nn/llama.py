@@ -1,0 +1,393 @@
+"""LLaMA-family decoder (LLaMA 1/2/3, Mistral, Qwen2) in flax.linen, with LoRA on its linears.
+
+Matches transformers' ``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``Qwen2ForCausalLM``:
+RMSNorm in float32, rotary embeddings in the rotate-half convention (default, linear and llama3
+frequency scaling), grouped-query attention, SwiGLU MLP, tied or untied embeddings, causal +
+padding (+ Mistral sliding-window) masks, and a KV cache for generation.
+
+Variables:
+
+* ``"frozen"`` — everything from the checkpoint, named as transformers names it:
+  ``embed_tokens.embedding [V, D]``, ``layers_{i}.self_attn.{q,k,v,o}_proj.kernel [out, in]``
+  (a QuantizedTensor when quantized; ``bias`` for Qwen2), ``layers_{i}.mlp.{gate,up,down}_proj``,
+  ``layers_{i}.{input,post_attention}_layernorm.weight``, ``norm.weight``,
+  ``lm_head.kernel [V, D]`` (absent when tied). Embeddings, norms and lm_head stay unquantized.
+* ``"params"`` — LoRA adapters only (``lora_a``, ``lora_b``) of the target linears.
+* ``"cache"`` — the KV cache in decode mode (:func:`init_cache`).
+
+Shapes: ``B`` batch, ``S`` sequence, ``H`` query heads, ``Hkv`` key/value heads, ``Dh`` head dim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qlora_jax.nn.lora import LoRAConfig, LoRADense, QuantConfig
+
+Array = jax.Array
+MODEL_TYPES = ("llama", "mistral", "qwen2")
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+REMAT_POLICIES = {
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Architecture, as in a transformers ``config.json`` (both the 4.x and 5.x forms)."""
+
+    vocab_size: int = 256
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int | None = None  # default hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None  # {"rope_type": "llama3"|"linear", ...} as items
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # q/k/v/o bias (LLaMA); Qwen2 has q/k/v bias only
+    qkv_bias: bool = False
+    mlp_bias: bool = False
+    sliding_window: int | None = None  # Mistral
+    model_type: str = "llama"
+    bos_token_id: int | None = 1
+    eos_token_id: int | tuple[int, ...] | None = 2
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"model_type must be one of {MODEL_TYPES}; got {self.model_type!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        rope_type = self.rope_scaling_dict.get("rope_type", "default")
+        if rope_type not in ("default", "linear", "llama3"):
+            raise ValueError(f"rope scaling type {rope_type!r} is not supported (default, linear, llama3)")
+
+    @property
+    def dim_head(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def rope_scaling_dict(self) -> dict:
+        return dict(self.rope_scaling or ())
+
+    @classmethod
+    def from_hf(cls, d: dict, *, source: str = "config.json") -> LlamaConfig:
+        """Read a transformers config dict (4.x: ``rope_theta``/``rope_scaling``; 5.x: ``rope_parameters``)."""
+        model_type = d.get("model_type")
+        if model_type not in MODEL_TYPES:
+            raise ValueError(f"{source}: model_type {model_type!r} is not supported; supported: {MODEL_TYPES}")
+        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise ValueError(f"{source}: missing keys {missing}")
+        act = d.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"{source}: hidden_act {act!r} is not supported (silu)")
+        rope = dict(d.get("rope_parameters") or {})
+        theta = rope.pop("rope_theta", d.get("rope_theta", 10000.0))
+        scaling = dict(d.get("rope_scaling") or {}) or rope
+        if "type" in scaling and "rope_type" not in scaling:
+            scaling["rope_type"] = scaling.pop("type")
+        scaling.pop("type", None)
+        if scaling.get("rope_type", "default") == "default":
+            scaling = {}
+        sliding = d.get("sliding_window") if d.get("use_sliding_window", model_type == "mistral") else None
+        eos = d.get("eos_token_id", 2)
+        return cls(
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_hidden_layers=d["num_hidden_layers"],
+            num_attention_heads=d["num_attention_heads"],
+            num_key_value_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+            head_dim=d.get("head_dim"),
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            rope_scaling=tuple(sorted(scaling.items())) or None,
+            max_position_embeddings=d.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            attention_bias=bool(d.get("attention_bias", False)),
+            qkv_bias=model_type == "qwen2",
+            mlp_bias=bool(d.get("mlp_bias", False)),
+            sliding_window=sliding,
+            model_type=model_type,
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+            pad_token_id=d.get("pad_token_id"),
+        )
+
+
+# --- rotary embeddings ------------------------------------------------------------------------
+
+
+def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
+    """float32 ``[Dh/2]`` inverse frequencies, with linear or llama3 scaling applied."""
+    dim = config.dim_head
+    inv = (1.0 / (np.float32(config.rope_theta) ** (np.arange(0, dim, 2).astype(np.float32) / np.float32(dim)))).astype(
+        np.float32
+    )
+    s = config.rope_scaling_dict
+    kind = s.get("rope_type", "default")
+    if kind == "linear":
+        return (inv / np.float32(s["factor"])).astype(np.float32)
+    if kind == "llama3":
+        factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old_len = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > old_len / low, inv / factor, inv)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+        return np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv
+
+
+def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
+    """Rotate ``x [B, S, heads, Dh]`` by ``positions [B, S]`` (rotate-half convention, float32)."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, S, Dh/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, S, 1, Dh]
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    x32 = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+# --- modules ----------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: Any = jnp.bfloat16
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        weight = self.variable("frozen", "weight", lambda: jnp.ones((x.shape[-1],), self.dtype)).value
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return weight.astype(self.dtype) * normed.astype(self.dtype)
+
+
+def _linear(name, features, cfg: LlamaConfig, lora, quant, dtype, impl, bias=False):
+    adapter = lora if lora is not None and name in lora.targets else None
+    return LoRADense(features, lora=adapter, quant=quant, use_bias=bias, dtype=dtype, impl=impl, name=name)
+
+
+class Attention(nn.Module):
+    config: LlamaConfig
+    lora: LoRAConfig | None
+    quant: QuantConfig | None
+    dtype: Any
+    impl: str
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, x: Array, positions: Array, key_mask: Array, deterministic: bool) -> Array:
+        cfg = self.config
+        b, s, _ = x.shape
+        h, hkv, dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.dim_head
+        qkv_bias = cfg.attention_bias or cfg.qkv_bias
+        lin = dict(cfg=cfg, lora=self.lora, quant=self.quant, dtype=self.dtype, impl=self.impl)
+        q = _linear("q_proj", h * dh, bias=qkv_bias, **lin)(x, deterministic).reshape(b, s, h, dh)
+        k = _linear("k_proj", hkv * dh, bias=qkv_bias, **lin)(x, deterministic).reshape(b, s, hkv, dh)
+        v = _linear("v_proj", hkv * dh, bias=qkv_bias, **lin)(x, deterministic).reshape(b, s, hkv, dh)
+        inv_freq = rope_inv_freq(cfg)
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+
+        q_pos = positions  # [B, S]
+        if self.decode:  # append to the cache; attend over everything written so far
+            ck = self.variable("cache", "cached_key", jnp.zeros, (b, 0, hkv, dh), self.dtype)
+            cv = self.variable("cache", "cached_value", jnp.zeros, (b, 0, hkv, dh), self.dtype)
+            cm = self.variable("cache", "key_mask", jnp.zeros, (b, 0), jnp.bool_)
+            cp = self.variable("cache", "key_pos", jnp.zeros, (b, 0), jnp.int32)
+            idx = self.variable("cache", "index", lambda: jnp.array(0, jnp.int32))
+            i = idx.value
+            ck.value = jax.lax.dynamic_update_slice(ck.value, k.astype(ck.value.dtype), (0, i, 0, 0))
+            cv.value = jax.lax.dynamic_update_slice(cv.value, v.astype(cv.value.dtype), (0, i, 0, 0))
+            cm.value = jax.lax.dynamic_update_slice(cm.value, key_mask, (0, i))
+            cp.value = jax.lax.dynamic_update_slice(cp.value, positions.astype(jnp.int32), (0, i))
+            idx.value = i + s
+            k, v, key_mask, k_pos = ck.value, cv.value, cm.value, cp.value
+            written = jnp.arange(k.shape[1]) < i + s  # [T]
+            key_mask = key_mask & written[None, :]
+        else:
+            k_pos = positions
+
+        # [B, 1, S, T]: causal by position, padding, and Mistral's sliding window
+        allowed = (k_pos[:, None, :] <= q_pos[:, :, None]) & key_mask[:, None, :]
+        if cfg.sliding_window is not None:
+            allowed &= q_pos[:, :, None] - k_pos[:, None, :] < cfg.sliding_window
+        allowed = allowed[:, None, :, :]
+
+        groups = h // hkv
+        qg = q.reshape(b, s, hkv, groups, dh)
+        scores = jnp.einsum("bsngd,btnd->bngst", qg, k, preferred_element_type=jnp.float32) / math.sqrt(dh)
+        scores = scores.reshape(b, h, s, -1)
+        # finite minimum, not -inf: a fully masked (padding) query row stays finite
+        scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        out = jnp.einsum(
+            "bngst,btnd->bsngd", probs.reshape(b, hkv, groups, s, -1), v, preferred_element_type=jnp.float32
+        )
+        out = out.reshape(b, s, h * dh).astype(self.dtype)
+        return _linear("o_proj", cfg.hidden_size, bias=cfg.attention_bias, **lin)(out, deterministic)
+
+
+class MLP(nn.Module):
+    config: LlamaConfig
+    lora: LoRAConfig | None
+    quant: QuantConfig | None
+    dtype: Any
+    impl: str
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool) -> Array:
+        cfg = self.config
+        lin = dict(cfg=cfg, lora=self.lora, quant=self.quant, dtype=self.dtype, impl=self.impl, bias=cfg.mlp_bias)
+        gate = _linear("gate_proj", cfg.intermediate_size, **lin)(x, deterministic)
+        up = _linear("up_proj", cfg.intermediate_size, **lin)(x, deterministic)
+        hidden = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(self.dtype)
+        return _linear("down_proj", cfg.hidden_size, **lin)(hidden, deterministic)
+
+
+class DecoderLayer(nn.Module):
+    config: LlamaConfig
+    lora: LoRAConfig | None
+    quant: QuantConfig | None
+    dtype: Any
+    impl: str
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, x: Array, positions: Array, key_mask: Array, deterministic: bool = True) -> Array:
+        cfg = self.config
+        mods = dict(lora=self.lora, quant=self.quant, dtype=self.dtype, impl=self.impl)
+        h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="input_layernorm")(x)
+        x = x + Attention(cfg, decode=self.decode, name="self_attn", **mods)(h, positions, key_mask, deterministic)
+        h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x)
+        return x + MLP(cfg, name="mlp", **mods)(h, deterministic)
+
+
+class LlamaForCausalLM(nn.Module):
+    """The causal LM. ``__call__(input_ids [B, S], attention_mask=None) -> logits [B, S, V]`` (fp32).
+
+    Attributes:
+      config: the architecture.
+      lora: adapters for the linears named in ``lora.targets`` (None: no adapters).
+      quant: storage of the linear weights this module initializes (None: ``dtype`` arrays).
+      dtype: compute dtype (bf16; fp32 for parity checks).
+      remat: recompute each decoder block in the backward pass (gradient checkpointing).
+      remat_policy: a name in ``REMAT_POLICIES``: what a rematerialized block may keep.
+      impl: qmatmul implementation for quantized linears.
+      decode: KV-cache mode (see :func:`init_cache` and :func:`qlora_jax.nn.generate`).
+    """
+
+    config: LlamaConfig
+    lora: LoRAConfig | None = None
+    quant: QuantConfig | None = None
+    dtype: Any = jnp.bfloat16
+    remat: bool = False
+    remat_policy: str = "nothing_saveable"
+    impl: str = "auto"
+    decode: bool = False
+
+    @nn.compact
+    def __call__(
+        self,
+        input_ids: Array,
+        attention_mask: Array | None = None,
+        positions: Array | None = None,
+        deterministic: bool = True,
+    ) -> Array:
+        cfg = self.config
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, jnp.bool_)
+        key_mask = attention_mask.astype(jnp.bool_)  # [B, S]
+        if positions is None:  # left padding: count only real tokens
+            positions = jnp.maximum(jnp.cumsum(key_mask, axis=-1) - 1, 0).astype(jnp.int32)
+
+        embed = _Embed(cfg.vocab_size, cfg.hidden_size, self.dtype, name="embed_tokens")
+        x = embed(input_ids)  # [B, S, D]
+
+        layer_cls = DecoderLayer
+        if self.remat:
+            if self.remat_policy not in REMAT_POLICIES:
+                raise ValueError(f"remat_policy must be one of {tuple(REMAT_POLICIES)}; got {self.remat_policy!r}")
+            layer_cls = nn.remat(DecoderLayer, policy=REMAT_POLICIES[self.remat_policy], static_argnums=(4,))
+        mods = dict(lora=self.lora, quant=self.quant, dtype=self.dtype, impl=self.impl, decode=self.decode)
+        for i in range(cfg.num_hidden_layers):
+            x = layer_cls(cfg, name=f"layers_{i}", **mods)(x, positions, key_mask, deterministic)
+        x = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(x)
+        if cfg.tie_word_embeddings:
+            head = embed.table()
+        else:
+            head = _LMHead(cfg.vocab_size, cfg.hidden_size, self.dtype, name="lm_head")()
+        return jnp.einsum("bsd,vd->bsv", x, head.astype(self.dtype), preferred_element_type=jnp.float32)
+
+
+class _Embed(nn.Module):
+    vocab_size: int
+    features: int
+    dtype: Any
+
+    def setup(self):
+        self.embedding = self.variable(
+            "frozen",
+            "embedding",
+            lambda: (jax.random.normal(self.make_rng("params"), (self.vocab_size, self.features)) * 0.02).astype(
+                self.dtype
+            ),
+        )
+
+    def __call__(self, ids: Array) -> Array:
+        return jnp.take(self.embedding.value, ids, axis=0).astype(self.dtype)
+
+    def table(self) -> Array:
+        return self.embedding.value
+
+
+class _LMHead(nn.Module):
+    vocab_size: int
+    features: int
+    dtype: Any
+
+    @nn.compact
+    def __call__(self) -> Array:
+        return self.variable(
+            "frozen",
+            "kernel",
+            lambda: (jax.random.normal(self.make_rng("params"), (self.vocab_size, self.features)) * 0.02).astype(
+                self.dtype
+            ),
+        ).value
+
+
+def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -> dict:
+    """An empty KV cache for ``batch`` sequences of up to ``max_len`` tokens (the ``"cache"`` collection)."""
+    hkv, dh = config.num_key_value_heads, config.dim_head
+    layer = {
+        "self_attn": {
+            "cached_key": jnp.zeros((batch, max_len, hkv, dh), dtype),
+            "cached_value": jnp.zeros((batch, max_len, hkv, dh), dtype),
+            "key_mask": jnp.zeros((batch, max_len), jnp.bool_),
+            "key_pos": jnp.zeros((batch, max_len), jnp.int32),
+            "index": jnp.array(0, jnp.int32),
+        }
+    }
+    return {f"layers_{i}": jax.tree.map(jnp.copy, layer) for i in range(config.num_hidden_layers)}

@@ -1,0 +1,208 @@
+"""``LoRADense``: a frozen (4-bit or bf16) linear layer plus a trainable low-rank adapter.
+
+    y = x W^T + b + s · dropout(x) A^T B^T,   s = alpha / r   (rsLoRA: alpha / sqrt(r))
+
+as PEFT defines LoRA (``peft/tuners/lora/layer.py``). ``W`` is stored in torch's ``[out, in]``
+layout — a :class:`~qlora_jax.quant.QuantizedTensor` (NF4/FP4/int4, ± double quant) or, for the
+16-bit LoRA baseline, a plain array — in the non-trainable ``"frozen"`` collection with the
+optional bias. Only ``lora_a [r, in]`` and ``lora_b [out, r]`` live in ``"params"``, so
+``jax.grad`` over ``variables["params"]`` reaches the adapters and nothing else:
+
+    variables = model.init(rng, x)                    # {"params": ..., "frozen": ...}
+    params, frozen = split_params(variables)
+    y = model.apply(merge_params(params, frozen), x)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qlora_jax import kernels, quant
+
+Array = jax.Array
+LORA_LEAVES = ("lora_a", "lora_b")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """How frozen linear weights are stored: bitsandbytes-style 4-bit block quantization."""
+
+    quant_type: str = "nf4"  # "nf4" | "fp4" | "int4"
+    block_size: int = 64
+    double_quant: bool = True
+    nested_block_size: int = 256
+
+    def quantize(self, w, name: str = "weight") -> quant.QuantizedTensor:
+        return quant.quantize(w, self.quant_type, self.block_size, self.double_quant, self.nested_block_size, name=name)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """Adapter hyperparameters (PEFT's LoraConfig names in comments).
+
+    Defaults are the QLoRA paper's: r=64, alpha=16, dropout 0.1, all seven linears of a block.
+    """
+
+    rank: int = 64  # r
+    alpha: float = 16.0  # lora_alpha
+    dropout: float = 0.1  # lora_dropout
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    use_rslora: bool = False  # scale alpha / sqrt(r) instead of alpha / r
+    init: str = "default"  # "default": A ~ U(±1/sqrt(in)); "gaussian": A ~ N(0, 1/r). B = 0 either way.
+    dtype: Any = jnp.float32  # adapter parameter dtype (fp32 or bf16)
+
+    def __post_init__(self):
+        if self.rank < 0:
+            raise ValueError(f"LoRAConfig.rank must be >= 0; got {self.rank}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRAConfig.dropout must be in [0, 1); got {self.dropout}")
+        if self.init not in ("default", "gaussian"):
+            raise ValueError(f"LoRAConfig.init must be 'default' or 'gaussian'; got {self.init!r}")
+        if jnp.dtype(self.dtype).name not in ("float32", "bfloat16"):
+            raise ValueError(f"LoRAConfig.dtype must be float32 or bfloat16; got {self.dtype}")
+
+    @property
+    def scale(self) -> float:
+        if self.rank == 0:
+            return 0.0
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+
+def init_lora_a(key: Array, shape: tuple[int, int], init: str, dtype) -> Array:
+    """``lora_a [r, in]``: kaiming_uniform(a=√5) = U(±1/√in) (PEFT default), or N(0, 1/r)."""
+    r, fan_in = shape
+    if init == "gaussian":
+        return (jax.random.normal(key, shape, jnp.float32) / math.sqrt(r)).astype(dtype)
+    bound = 1.0 / math.sqrt(fan_in)
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
+
+
+def init_lora_b(shape: tuple[int, int], dtype) -> Array:
+    """``lora_b [out, r]``: zeros, so a fresh adapter is an exact no-op."""
+    return jnp.zeros(shape, dtype)
+
+
+class LoRADense(nn.Module):
+    """Frozen linear layer (``"frozen"``: ``kernel`` [out, in], optional ``bias``) + LoRA adapter.
+
+    Attributes:
+      features: out_features.
+      lora: adapter settings; ``None`` or rank 0 = a plain (quantized) linear layer.
+      quant: storage of the frozen kernel when this module initializes it; ``None`` = plain
+        array in ``dtype``. A loaded checkpoint decides by what it puts in ``"frozen"``.
+      use_bias: a frozen bias (Qwen2's q/k/v projections).
+      dtype: compute dtype (bf16): activations, the dequantized weight, the adapter matmuls.
+      impl: the :func:`qlora_jax.kernels.qmatmul` implementation.
+    """
+
+    features: int
+    lora: LoRAConfig | None = None
+    quant: QuantConfig | None = None
+    use_bias: bool = False
+    dtype: Any = jnp.bfloat16
+    impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool = True) -> Array:
+        in_features = x.shape[-1]
+
+        def init_kernel():
+            w = nn.initializers.normal(0.02)(self.make_rng("params"), (self.features, in_features), jnp.float32)
+            return self.quant.quantize(w, "kernel") if self.quant is not None else w.astype(self.dtype)
+
+        kernel = self.variable("frozen", "kernel", init_kernel).value
+        x = x.astype(self.dtype)
+        if isinstance(kernel, quant.QuantizedTensor):
+            if kernel.shape != (self.features, in_features):
+                raise ValueError(
+                    f"{self.name}: frozen kernel has shape {kernel.shape}; expected {(self.features, in_features)}"
+                )
+            y = kernels.qmatmul(x, kernel, impl=self.impl)
+        else:
+            w = jnp.asarray(kernel).astype(self.dtype)  # [out, in]
+            y = jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32).astype(
+                self.dtype
+            )
+        if self.use_bias:
+            bias = self.variable("frozen", "bias", lambda: jnp.zeros((self.features,), self.dtype)).value
+            y = y + bias.astype(self.dtype)
+        if self.lora is not None and self.lora.rank > 0:
+            r, cfg = self.lora.rank, self.lora
+            a = self.param("lora_a", lambda k: init_lora_a(k, (r, in_features), cfg.init, cfg.dtype))
+            b = self.param("lora_b", lambda k: init_lora_b((self.features, r), cfg.dtype))
+            h = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)  # the adapter's input only
+            h = _matmul_t(h, a.astype(self.dtype))  # [..., r]
+            h = _matmul_t(h, b.astype(self.dtype))  # [..., out]
+            y = y + (h.astype(jnp.float32) * cfg.scale).astype(self.dtype)
+        return y
+
+
+def _matmul_t(x: Array, w: Array) -> Array:
+    """``x @ w.T`` with float32 accumulation, result in x's dtype."""
+    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32).astype(
+        x.dtype
+    )
+
+
+# --- trainable / frozen bookkeeping --------------------------------------------------------------
+
+
+def split_params(variables: dict) -> tuple[dict, dict]:
+    """``{"params": p, "frozen": f, ...}`` -> ``(p, rest)``: the trainable tree and everything else.
+
+    Example::
+
+        params, frozen = split_params(model.init(rng, x))
+        grads = jax.grad(lambda p: loss(model.apply(merge_params(p, frozen), x)))(params)
+
+    ``params`` holds only ``lora_a``/``lora_b`` leaves (:func:`check_trainable` verifies it).
+    """
+    variables = dict(variables)
+    params = variables.pop("params", {})
+    return params, variables
+
+
+def merge_params(params: dict, frozen: dict) -> dict:
+    """Inverse of :func:`split_params`: the variables dict for ``model.apply``."""
+    return {"params": params, **frozen}
+
+
+def check_trainable(params: dict) -> None:
+    """Raise ``ValueError`` naming any trainable leaf that is not a LoRA adapter weight."""
+    bad = [
+        jax.tree_util.keystr(path)
+        for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+        if not (path and getattr(path[-1], "key", None) in LORA_LEAVES)
+    ]
+    if bad:
+        raise ValueError(f"trainable tree holds non-adapter leaves: {bad[:10]}")
+
+
+def merged_weight(
+    kernel, lora_a: Array, lora_b: Array, scale: float, *, requantize: QuantConfig | None = None
+) -> Array | tuple[quant.QuantizedTensor, dict]:
+    """``dequant(W) + scale · B @ A`` in bf16 ``[out, in]`` — the adapter folded into the base.
+
+    With ``requantize`` the merged weight is quantized again (lossy, as PEFT warns) and returned
+    with its error: ``(qt, {"max_abs_err", "rel_fro_err"})`` measured against the bf16 merge.
+    """
+    base = quant.dequantize(kernel, jnp.float32) if isinstance(kernel, quant.QuantizedTensor) else kernel
+    delta = jnp.dot(lora_b.astype(jnp.float32), lora_a.astype(jnp.float32)) * scale
+    merged = (jnp.asarray(base, jnp.float32) + delta).astype(jnp.bfloat16)
+    if requantize is None:
+        return merged
+    qt = requantize.quantize(merged, "merged_weight")
+    err = quant.dequantize(qt, jnp.float32) - merged.astype(jnp.float32)
+    m32 = merged.astype(jnp.float32)
+    stats = {
+        "max_abs_err": float(jnp.max(jnp.abs(err))),
+        "rel_fro_err": float(jnp.linalg.norm(err) / jnp.maximum(jnp.linalg.norm(m32), np.finfo(np.float32).tiny)),
+    }
+    return qt, stats
