@@ -1,0 +1,257 @@
+"""Hugging Face LLaMA-family checkpoints in and out, quantizing to 4 bits as they stream in.
+
+``load_pretrained`` reads ``config.json`` (transformers 4 or 5 form) and single-file or sharded
+safetensors, one tensor at a time from memory-mapped files: each linear weight is quantized as
+soon as it is read and its full-precision copy dropped, so peak host memory stays near the
+quantized model plus a tensor or two. A checkpoint already saved by transformers + bitsandbytes
+in 4 bits (``quantization_config.load_in_4bit``) loads byte for byte, without re-quantizing.
+``save_pretrained_4bit`` writes the bitsandbytes 4-bit format back, which transformers +
+bitsandbytes load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from safetensors import safe_open
+from safetensors.numpy import save_file
+from tqdm.auto import tqdm
+
+from qlora_jax import quant
+from qlora_jax.nn.llama import LlamaConfig, LlamaForCausalLM
+from qlora_jax.nn.lora import LORA_LEAVES, LoRAConfig, QuantConfig, init_lora_a, init_lora_b
+
+# Buffers some transformers versions saved that are recomputed, not loaded.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+_BNB_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
+
+
+def _hf_name(path: tuple[str, ...]) -> str:
+    """Our ``"frozen"`` path -> the transformers tensor name."""
+    head, *rest = path
+    if head == "embed_tokens":
+        return "model.embed_tokens.weight"
+    if head == "lm_head":
+        return "lm_head.weight"
+    if head == "norm":
+        return "model.norm.weight"
+    layer = head.split("_")[1]
+    *modules, leaf = rest
+    leaf = "weight" if leaf in ("kernel", "weight") else leaf
+    return ".".join(["model", "layers", layer, *modules, leaf])
+
+
+class _Tensors:
+    """Access to the tensors of a safetensors checkpoint (single or sharded), one at a time.
+
+    Each read opens its file, copies the one tensor out of the memory map and closes it again:
+    a file kept mapped would leave every page read so far resident (and counted in RSS) until
+    the end of the load.
+    """
+
+    def __init__(self, root: pathlib.Path):
+        index = root / "model.safetensors.index.json"
+        single = root / "model.safetensors"
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise ValueError(f"{index}: not a safetensors index with a 'weight_map' ({e})") from None
+            self.files = {name: root / fname for name, fname in weight_map.items()}
+        elif single.exists():
+            with safe_open(single, "np") as f:
+                self.files = dict.fromkeys(f.keys(), single)
+        else:
+            raise ValueError(f"{root}: no model.safetensors or model.safetensors.index.json")
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def _file(self, name: str) -> pathlib.Path:
+        if name not in self.files:
+            raise ValueError(f"checkpoint has no tensor {name!r}")
+        path = self.files[name]
+        if not path.exists():
+            raise ValueError(f"{path}: shard named by the index is missing (tensor {name!r})")
+        return path
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        with safe_open(self._file(name), "np") as f:
+            return tuple(f.get_slice(name).get_shape())
+
+    def get(self, name: str) -> np.ndarray:
+        with safe_open(self._file(name), "np") as f:
+            return f.get_tensor(name)
+
+
+def read_config(path) -> tuple[LlamaConfig, dict]:
+    """``(LlamaConfig, raw dict)`` from a checkpoint directory's config.json."""
+    root = pathlib.Path(path)
+    cfg_file = root / "config.json"
+    if not root.is_dir() or not cfg_file.exists():
+        raise ValueError(f"{root}: not a Hugging Face checkpoint directory (no config.json)")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_file}: invalid JSON: {e}") from None
+    return LlamaConfig.from_hf(raw, source=str(cfg_file)), raw
+
+
+def bnb_quant_config(raw: dict) -> QuantConfig | None:
+    """The QuantConfig of a transformers + bitsandbytes 4-bit checkpoint, or None."""
+    q = raw.get("quantization_config") or {}
+    if q.get("quant_method") != "bitsandbytes":
+        return None
+    if not q.get("load_in_4bit"):
+        raise ValueError("config.json quantization_config: only bitsandbytes 4-bit (load_in_4bit) is supported")
+    return QuantConfig(q.get("bnb_4bit_quant_type", "fp4"), 64, bool(q.get("bnb_4bit_use_double_quant", False)))
+
+
+def load_pretrained(
+    path,
+    quant: QuantConfig | None = QuantConfig(),
+    lora: LoRAConfig | None = None,
+    dtype=jnp.bfloat16,
+    *,
+    seed: int = 0,
+    remat: bool = False,
+    impl: str = "auto",
+    progress: bool = True,
+) -> tuple[LlamaForCausalLM, dict]:
+    """Load a LLaMA/Mistral/Qwen2 checkpoint directory as ``(model, {"params", "frozen"})``.
+
+    Args:
+      path: directory with config.json and model.safetensors (or shards + index).
+      quant: how to store the linear weights (None: unquantized in ``dtype``). For a
+        bitsandbytes 4-bit checkpoint the stored bytes are used as they are; ``quant`` must then
+        be None or agree with the checkpoint's type and double-quant setting.
+      lora: adapters to add (PEFT init: A uniform, B zero), or None.
+      dtype: compute dtype; embeddings, norms and lm_head are kept in it.
+      seed: for the adapter initialisation.
+      remat, impl: passed to :class:`LlamaForCausalLM`.
+      progress: show a tqdm bar over tensors.
+
+    Raises:
+      ValueError naming the path, key or tensor: not a checkpoint, unsupported config, missing,
+      unexpected or mis-shaped tensors.
+    """
+    root = pathlib.Path(path)
+    config, raw = read_config(root)
+    prequant = bnb_quant_config(raw)
+    if prequant is not None and quant is not None:
+        if (quant.quant_type, quant.double_quant) != (prequant.quant_type, prequant.double_quant):
+            raise ValueError(
+                f"{root} is a bitsandbytes {prequant.quant_type} (double_quant={prequant.double_quant}) checkpoint; "
+                f"it loads as stored, so quant={quant} cannot apply: pass quant=None"
+            )
+    storage = prequant or quant
+    model = LlamaForCausalLM(config, lora=lora, quant=storage, dtype=dtype, remat=remat, impl=impl)
+    abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+
+    tensors = _Tensors(root)
+    frozen = _load_frozen(tensors, abstract["frozen"], storage, prequant is not None, dtype, progress, root)
+    variables = {"frozen": frozen}
+    if "params" in abstract:
+        variables["params"] = _init_adapters(abstract["params"], lora, seed)
+    return model, variables
+
+
+def _is_qt(x) -> bool:
+    return isinstance(x, quant.QuantizedTensor)
+
+
+def _load_frozen(tensors, abstract_frozen, storage, prequant, dtype, progress, root):
+    flat = traverse_util.flatten_dict(abstract_frozen)
+    used: set[str] = set()
+    out = {}
+    for path, leaf in tqdm(flat.items(), desc=f"loading {root.name}", disable=not progress, unit="tensor"):
+        name = _hf_name(path)
+        expected = tuple(leaf.shape)
+        if name not in tensors:
+            raise ValueError(f"{root}: checkpoint is missing tensor {name!r} (expected shape {list(expected)})")
+        if _is_qt(leaf) and prequant:
+            sd = {name: tensors.get(name)}
+            for key in tensors.files:
+                if key.startswith(name + ".") and (key.rsplit(".", 1)[-1] in _BNB_SUFFIXES or ".quant_state." in key):
+                    sd[key] = tensors.get(key)
+            value = quant.from_bnb_state_dict(sd, prefix=name)
+            used.update(sd)
+            got = value.shape
+        else:
+            got = tensors.shape(name)
+            if got == expected:
+                array = tensors.get(name)
+                value = storage.quantize(array, name) if _is_qt(leaf) else jnp.asarray(array, dtype)
+                del array  # the full-precision copy goes as soon as it is quantized
+            used.add(name)
+        if tuple(got) != expected:
+            raise ValueError(f"{root}: tensor {name!r} has shape {list(got)}; the config implies {list(expected)}")
+        out[path] = value
+    unexpected = sorted(k for k in tensors.files if k not in used and not k.endswith(_IGNORED_SUFFIXES))
+    if unexpected:
+        raise ValueError(f"{root}: checkpoint has tensors this model does not use: {unexpected[:10]}")
+    return traverse_util.unflatten_dict(out)
+
+
+def _init_adapters(abstract_params: dict, lora: LoRAConfig, seed: int) -> dict:
+    flat = traverse_util.flatten_dict(abstract_params)
+    keys = jax.random.split(jax.random.key(seed), len(flat))
+    out = {}
+    for key, (path, leaf) in zip(keys, sorted(flat.items()), strict=True):
+        if path[-1] not in LORA_LEAVES:
+            raise ValueError(f"unexpected trainable parameter {'.'.join(path)}")
+        if path[-1] == "lora_a":
+            out[path] = init_lora_a(key, leaf.shape, lora.init, lora.dtype)
+        else:
+            out[path] = init_lora_b(leaf.shape, lora.dtype)
+    return traverse_util.unflatten_dict(out)
+
+
+def save_pretrained_4bit(path, config_raw: dict, frozen: dict, compute_dtype: str = "bfloat16") -> None:
+    """Write ``frozen`` as a transformers + bitsandbytes 4-bit checkpoint (config.json + model.safetensors).
+
+    Quantized linears are written in bitsandbytes' serialized form (``weight``, ``.absmax``,
+    ``.quant_map``, ``.nested_*``, ``.quant_state.bitsandbytes__*``); the rest as stored.
+    ``config_raw`` is the source config.json dict (``read_config``); its ``quantization_config``
+    is set to match the tensors.
+    """
+    root = pathlib.Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, np.ndarray] = {}
+    kinds = set()
+    for p, value in traverse_util.flatten_dict(frozen).items():
+        name = _hf_name(p)
+        if _is_qt(value):
+            kinds.add((value.quant_type, value.double_quant, value.block_size))
+            tensors.update(quant.to_bnb_state_dict(value, prefix=name))
+        else:
+            tensors[name] = np.asarray(jax.device_get(value))
+    if len(kinds) != 1:
+        raise ValueError(f"save_pretrained_4bit needs every linear quantized alike; found {sorted(kinds)}")
+    ((quant_type, double_quant, block_size),) = kinds
+    if block_size != 64:
+        raise ValueError(f"transformers + bitsandbytes load block size 64 only; these tensors use {block_size}")
+    config = dict(config_raw)
+    config["quantization_config"] = {
+        "_load_in_4bit": True,
+        "_load_in_8bit": False,
+        "bnb_4bit_compute_dtype": compute_dtype,
+        "bnb_4bit_quant_storage": "uint8",
+        "bnb_4bit_quant_type": quant_type,
+        "bnb_4bit_use_double_quant": double_quant,
+        "llm_int8_enable_fp32_cpu_offload": False,
+        "llm_int8_has_fp16_weight": False,
+        "llm_int8_skip_modules": None,
+        "llm_int8_threshold": 6.0,
+        "load_in_4bit": True,
+        "load_in_8bit": False,
+        "quant_method": "bitsandbytes",
+    }
+    save_file(tensors, os.fspath(root / "model.safetensors"), metadata={"format": "pt"})
+    (root / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
