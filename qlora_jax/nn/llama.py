@@ -67,6 +67,8 @@ class LlamaConfig:
     pad_token_id: int | None = None
 
     def __post_init__(self):
+        if isinstance(self.rope_scaling, dict):  # accept a dict; store hashable items
+            object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())) or None)
         if self.model_type not in MODEL_TYPES:
             raise ValueError(f"model_type must be one of {MODEL_TYPES}; got {self.model_type!r}")
         if self.num_attention_heads % self.num_key_value_heads:
@@ -316,6 +318,10 @@ class LlamaForCausalLM(nn.Module):
         deterministic: bool = True,
     ) -> Array:
         cfg = self.config
+        if self.lora is not None:
+            unknown = sorted(set(self.lora.targets) - set(LINEAR_NAMES))
+            if unknown:
+                raise ValueError(f"LoRA targets {unknown} name no linear of this model; known: {LINEAR_NAMES}")
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.bool_)
         key_mask = attention_mask.astype(jnp.bool_)  # [B, S]

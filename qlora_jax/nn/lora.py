@@ -59,6 +59,11 @@ class LoRAConfig:
     dtype: Any = jnp.float32  # adapter parameter dtype (fp32 or bf16)
 
     def __post_init__(self):
+        # a tuple, so the config (and the modules holding it) stay hashable for jit
+        targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
+        object.__setattr__(self, "targets", targets)
+        if not targets or not all(isinstance(t, str) and t for t in targets):
+            raise ValueError(f"LoRAConfig.targets must be module names like 'q_proj'; got {self.targets!r}")
         if self.rank < 0:
             raise ValueError(f"LoRAConfig.rank must be >= 0; got {self.rank}")
         if not 0.0 <= self.dropout < 1.0:

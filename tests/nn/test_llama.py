@@ -33,17 +33,13 @@ def test_rope_llama3_scaling_changes_only_low_frequencies():
     base = LlamaConfig(rope_theta=500000.0)
     scaled = LlamaConfig(
         rope_theta=500000.0,
-        rope_scaling=tuple(
-            sorted(
-                {
-                    "rope_type": "llama3",
-                    "factor": 8.0,
-                    "low_freq_factor": 1.0,
-                    "high_freq_factor": 4.0,
-                    "original_max_position_embeddings": 8192,
-                }.items()
-            )
-        ),
+        rope_scaling={  # a dict, stored as sorted items
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
         head_dim=128,
     )
     a = rope_inv_freq(LlamaConfig(rope_theta=500000.0, head_dim=128))
@@ -112,6 +108,17 @@ def test_lora_targets_and_frozen_layout():
     for leaf in (f["embed_tokens"]["embedding"], f["norm"]["weight"], f["lm_head"]["kernel"],
                  f["layers_0"]["input_layernorm"]["weight"]):  # fmt: skip
         assert not isinstance(leaf, quant.QuantizedTensor) and leaf.dtype == jnp.bfloat16
+
+
+def test_lora_targets_are_validated_and_lists_accepted():
+    ids = jnp.ones((1, 4), jnp.int32)
+    cfg = LoRAConfig(rank=2, targets=["up_proj"])  # a list, as a user writes it
+    assert cfg.targets == ("up_proj",)
+    v = _tiny(lora=cfg).init(jax.random.key(0), ids)
+    assert set(v["params"]["layers_0"]) == {"mlp"}
+    hash(_tiny(lora=cfg))  # modules must stay hashable (jit static arguments)
+    with pytest.raises(ValueError, match=r"LoRA targets \['qproj'\] name no linear"):
+        _tiny(lora=LoRAConfig(rank=2, targets=("qproj",))).init(jax.random.key(0), ids)
 
 
 def test_remat_gives_the_same_loss_and_grads():
