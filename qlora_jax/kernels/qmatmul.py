@@ -168,62 +168,48 @@ def _compiler_params(bs: QMatmulBlockSizes):
     return plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages)
 
 
-def qmatmul_fwd_pallas(x2d, qt, block_sizes: QMatmulBlockSizes, interpret: bool, out=None):
-    """``[M, K] @ dequant(W[N, K]).T -> [M, N]`` in x's dtype. ``out``: poison buffer (tests)."""
-    m = x2d.shape[0]
-    n, _ = qt.shape
-    bm, bn = block_sizes.block_m, block_sizes.block_n
-    xp = _pad_rows(x2d, bm)
+def _launch(kernel, act2d, qt, block_sizes, interpret, out, *, out_cols, tile_cols, name):
+    """Run a fused kernel over row tiles of ``act2d`` (padded to ``block_m``) and column tiles of
+    width ``tile_cols``; ``out`` (tests): a poison buffer the kernel writes into (aliased)."""
+    m, bm = act2d.shape[0], block_sizes.block_m
+    padded = _pad_rows(act2d, bm)
     w_args, meta = _weight_args(qt)
-    args = (xp, *w_args)
+    args = (padded, *w_args)
+    kernel = functools.partial(kernel, qt_meta=meta, interpret=interpret)
     aliases = {}
-    kernel = functools.partial(_qmatmul_fwd_kernel, block_m=bm, block_n=bn, qt_meta=meta, interpret=interpret)
     if out is not None:
         args = (*args, _pad_rows(out, bm))
         aliases = {len(args) - 1: 0}
         kernel = functools.partial(drop_alias_input, kernel)
     y = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((xp.shape[0], n), x2d.dtype),
-        grid=(xp.shape[0] // bm, n // bn),
+        out_shape=jax.ShapeDtypeStruct((padded.shape[0], out_cols), act2d.dtype),
+        grid=(padded.shape[0] // bm, out_cols // tile_cols),
         in_specs=[pl.no_block_spec] * len(args),
-        out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
+        out_specs=pl.BlockSpec((bm, tile_cols), lambda i, j: (i, j)),
         input_output_aliases=aliases,
         interpret=interpret,
         compiler_params=_compiler_params(block_sizes),
-        name=f"qmatmul_fwd_{qt.quant_type}{'_dq' if qt.double_quant else ''}",
+        name=f"{name}_{qt.quant_type}{'_dq' if qt.double_quant else ''}",
     )(*args)
     return y[:m]
 
 
+def qmatmul_fwd_pallas(x2d, qt, block_sizes: QMatmulBlockSizes, interpret: bool, out=None):
+    """``[M, K] @ dequant(W[N, K]).T -> [M, N]`` in x's dtype. ``out``: poison buffer (tests)."""
+    bm, bn = block_sizes.block_m, block_sizes.block_n
+    kernel = functools.partial(_qmatmul_fwd_kernel, block_m=bm, block_n=bn)
+    return _launch(kernel, x2d, qt, block_sizes, interpret, out, out_cols=qt.shape[0], tile_cols=bn, name="qmatmul_fwd")
+
+
 def qmatmul_bwd_pallas(dy2d, qt, block_sizes: QMatmulBlockSizes, interpret: bool, out=None):
     """``[M, N] @ dequant(W[N, K]) -> [M, K]`` in dy's dtype. ``out``: poison buffer (tests)."""
-    m = dy2d.shape[0]
     n, k = qt.shape
-    bm, bn, bs = block_sizes.block_m, block_sizes.block_n, qt.block_size
-    dyp = _pad_rows(dy2d, bm)
-    w_args, meta = _weight_args(qt)
-    args = (dyp, *w_args)
-    aliases = {}
-    kernel = functools.partial(
-        _qmatmul_bwd_kernel, block_m=bm, block_n=bn, n_tiles=n // bn, qt_meta=meta, interpret=interpret
+    bm, bn = block_sizes.block_m, block_sizes.block_n
+    kernel = functools.partial(_qmatmul_bwd_kernel, block_m=bm, block_n=bn, n_tiles=n // bn)
+    return _launch(
+        kernel, dy2d, qt, block_sizes, interpret, out, out_cols=k, tile_cols=qt.block_size, name="qmatmul_bwd"
     )
-    if out is not None:
-        args = (*args, _pad_rows(out, bm))
-        aliases = {len(args) - 1: 0}
-        kernel = functools.partial(drop_alias_input, kernel)
-    dx = pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct((dyp.shape[0], k), dy2d.dtype),
-        grid=(dyp.shape[0] // bm, k // bs),
-        in_specs=[pl.no_block_spec] * len(args),
-        out_specs=pl.BlockSpec((bm, bs), lambda i, kb: (i, kb)),
-        input_output_aliases=aliases,
-        interpret=interpret,
-        compiler_params=_compiler_params(block_sizes),
-        name=f"qmatmul_bwd_{qt.quant_type}{'_dq' if qt.double_quant else ''}",
-    )(*args)
-    return dx[:m]
 
 
 # --- Reference and the dispatching, differentiable public function ------------------------------
