@@ -39,8 +39,9 @@ class DequantizeBlockSizes:
 
     Attributes:
       blocks_per_tile: quantization blocks per program (a power of two). 64 blocks of 64 codes
-        = 4096 outputs (8 KiB in bf16) per program: enough bytes in flight per SM to stream at
-        HBM bandwidth on H100 with 4 warps, and 4096 programs for a 4096x4096 weight.
+        = 4096 outputs (8 KiB in bf16) per program and 4096 programs for a 4096x4096 weight:
+        chosen to keep every H100 SM streaming, not yet measured on one (tools/gpu_check.sh
+        reports the achieved fraction of copy bandwidth).
       num_warps: Triton warps per program.
       num_stages: Triton software-pipelining stages (1: there is no loop to pipeline).
     """

@@ -68,9 +68,11 @@ class QMatmulBlockSizes:
 
     @classmethod
     def for_shape(cls, m: int, n: int) -> QMatmulBlockSizes:
-        """Defaults for H100. Decode-sized M: narrow N tiles so a 4096-wide layer still launches
-        128 programs for 132 SMs; larger M: square tiles that reuse each dequantized weight tile
-        across more rows."""
+        """Defaults meant for H100 (chosen from Triton practice, not yet tuned on one).
+
+        Decode-sized M: narrow N tiles so a 4096-wide layer still launches 128 programs for 132
+        SMs; larger M: square tiles that reuse each dequantized weight tile across more rows.
+        """
         if m <= 16:
             sizes = cls(block_m=16, block_n=32, num_warps=4, num_stages=4)
         elif m <= 256:
