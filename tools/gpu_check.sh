@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one prepared script for a lent GPU machine (jax 0.11.2 + CUDA preinstalled, no network):
 #   1. the kernel tests compiled for the GPU (QLORA_JAX_INTERPRET=0), not interpreted;
-#   2. experiments/bench_kernels.py.
+#   2. experiments/bench_kernels.py;
+#   3. experiments/bench_optim.py (paged / 8-bit AdamW step time, host<->device GB/s).
 # Prints a short summary table last; full logs go to $OUT (or /tmp/gpu_check). Budget: < 5 min.
 # Usage (device tool): bash tools/gpu_check.sh
 # Dry run on a CPU (interpret mode, XLA path only): QLORA_JAX_INTERPRET=1 PY=.venv/bin/python bash tools/gpu_check.sh
@@ -19,11 +20,13 @@ PY=${PY:-python3}
 } | tee "$OUT/env.txt"
 
 # -p no:cacheprovider: the tree may be read-only; -o addopts=: no xdist there (one GPU anyway).
-timeout 140 $PY -m pytest tests/kernels -q -p no:cacheprovider -o addopts="--strict-markers --import-mode=importlib" \
+timeout 140 $PY -m pytest tests/kernels tests/optim -q -p no:cacheprovider -o addopts="--strict-markers --import-mode=importlib" \
   >"$OUT/tests.log" 2>&1
 tests_rc=$?
-timeout 150 $PY -m experiments.bench_kernels --json="$OUT/bench.json" >"$OUT/bench.log" 2>&1
+timeout 120 $PY -m experiments.bench_kernels --json="$OUT/bench.json" >"$OUT/bench.log" 2>&1
 bench_rc=$?
+timeout 45 $PY -m experiments.bench_optim >"$OUT/bench_optim.log" 2>&1
+optim_rc=$?
 
 echo
 echo "== kernel tests (rc=$tests_rc) =="
@@ -31,4 +34,7 @@ tail -n 15 "$OUT/tests.log"
 echo
 echo "== bench_kernels (rc=$bench_rc) =="
 grep -v -e "^I[0-9]" -e "^W[0-9]" "$OUT/bench.log" | tail -n 60
-exit $(( tests_rc != 0 || bench_rc != 0 ))
+echo
+echo "== bench_optim (rc=$optim_rc) =="
+grep -v -e "^I[0-9]" -e "^W[0-9]" "$OUT/bench_optim.log" | tail -n 12
+exit $(( tests_rc != 0 || bench_rc != 0 || optim_rc != 0 ))
