@@ -1,0 +1,20 @@
+"""Data: JSONL instruction formats, tokenizers, a synthetic task set, batching."""
+
+from qlora_jax.data.batching import Batches, Tokenized, collate, tokenize
+from qlora_jax.data.jsonl import Example, JsonlDataset, load_jsonl
+from qlora_jax.data.synthetic import exact_match, make_examples
+from qlora_jax.data.tokenizer import ByteTokenizer, HFTokenizer
+
+__all__ = [
+    "Batches",
+    "ByteTokenizer",
+    "Example",
+    "HFTokenizer",
+    "JsonlDataset",
+    "Tokenized",
+    "collate",
+    "exact_match",
+    "load_jsonl",
+    "make_examples",
+    "tokenize",
+]

@@ -1,0 +1,81 @@
+"""The jitted training and evaluation steps.
+
+``train_step(state, frozen, batch, rng)`` differentiates the loss with respect to the LoRA tree
+(``state.params``) only; the frozen base is an argument that is never donated nor updated. The
+batch carries a leading micro-batch axis for gradient accumulation: ``[accum, B, T]``; gradients
+are summed over micro-batches weighted by their target tokens, so accumulation equals one large
+batch. The step returns its measurements (big_vision style): loss, grad norm, update norm,
+learning rate, target tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+Array = jax.Array
+
+
+class TrainState(NamedTuple):
+    step: Array  # int32 scalar
+    params: Any  # the LoRA adapters
+    opt_state: Any
+
+
+def token_loss(model, params, frozen, batch, rng, deterministic: bool) -> tuple[Array, Array]:
+    """(sum of next-token cross-entropy over loss-masked targets, number of those targets)."""
+    logits = model.apply(
+        {"params": params, **frozen},
+        batch["input_ids"],
+        batch["attention_mask"],
+        deterministic=deterministic,
+        rngs=None if deterministic else {"dropout": rng},
+    )  # [B, T, V] float32
+    targets = batch["input_ids"][:, 1:]
+    mask = batch["loss_mask"][:, 1:] & batch["attention_mask"][:, 1:]
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(mask, nll, 0.0)), jnp.sum(mask)
+
+
+def make_train_step(model, tx: optax.GradientTransformation, schedule=None):
+    """A ``train_step(state, frozen, batch, rng) -> (state, metrics)`` to jit with
+    ``donate_argnums=0`` (the state, never the frozen base)."""
+
+    def train_step(state: TrainState, frozen, batch, rng):
+        def micro(carry, mb):
+            grads_sum, loss_sum, count = carry
+            key = jax.random.fold_in(rng, count.astype(jnp.int32))
+            (loss, n), grads = jax.value_and_grad(
+                lambda p: token_loss(model, p, frozen, mb, key, deterministic=False), has_aux=True
+            )(state.params)
+            return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + loss, count + n), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        (grads, loss_sum, tokens), _ = jax.lax.scan(micro, (zeros, 0.0, jnp.int32(0)), batch)
+        denom = jnp.maximum(tokens, 1).astype(jnp.float32)
+        grads = jax.tree.map(lambda g: g / denom, grads)  # mean over all target tokens
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": loss_sum / denom,
+            "grad_norm": optax.tree.norm(grads),
+            "update_norm": optax.tree.norm(updates),
+            "learning_rate": schedule(state.step) if schedule is not None else jnp.float32(0),
+            "tokens": tokens,
+        }
+        return TrainState(state.step + 1, params, opt_state), metrics
+
+    return train_step
+
+
+def make_eval_step(model):
+    """``eval_step(params, frozen, batch) -> (loss sum, target tokens)`` for one batch ``[B, T]``."""
+
+    def eval_step(params, frozen, batch):
+        return token_loss(model, params, frozen, batch, None, deterministic=True)
+
+    return eval_step

@@ -1,0 +1,147 @@
+"""Data: JSONL formats and malformed input, tokenizers, synthetic tasks, masking, batching."""
+
+import json
+
+import numpy as np
+import pytest
+
+from qlora_jax.data import (
+    Batches,
+    ByteTokenizer,
+    Example,
+    HFTokenizer,
+    exact_match,
+    load_jsonl,
+    make_examples,
+    tokenize,
+)
+from qlora_jax.data.jsonl import ALPACA_PROMPT_NO_INPUT
+
+
+def _write(tmp_path, lines, name="d.jsonl"):
+    p = tmp_path / name
+    p.write_text("\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines) + "\n")
+    return p
+
+
+def test_alpaca_chat_oasst_and_text(tmp_path):
+    ds = load_jsonl(
+        _write(
+            tmp_path, [{"instruction": "Add", "input": "2 2", "output": "4"}, {"instruction": "Hi", "output": "Hello"}]
+        ),
+        "alpaca",
+    )
+    assert ds.examples[0].source.endswith("### Instruction:\nAdd\n\n### Input:\n2 2\n\n### Response: ")
+    assert ds.examples[1] == Example(ALPACA_PROMPT_NO_INPUT.format(instruction="Hi"), "Hello")
+    messages = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}
+    oasst = {"text": "### Human: a### Assistant: b### Human: c### Assistant: d"}
+    chat = load_jsonl(_write(tmp_path, [messages, oasst]), "chat")
+    assert chat.examples[0] == Example("### Human: Hi\n### Assistant: ", "Yo")
+    assert chat.examples[1] == Example("### Human: a### Assistant: b### Human: c### Assistant: ", "d")
+    assert load_jsonl(_write(tmp_path, [{"text": "abc"}]), "text").examples == [Example("", "abc")]
+
+
+@pytest.mark.parametrize(
+    "line,match",
+    [
+        ("{bad json", r"d\.jsonl:2: invalid JSON"),
+        ({"instruction": "x"}, r"d\.jsonl:2: missing or non-string field 'output'"),
+        ({"instruction": "x", "output": "  "}, r"d\.jsonl:2: empty target"),
+        ("[1, 2]", r"d\.jsonl:2: a line must be a JSON object"),
+    ],
+)
+def test_malformed_lines_name_file_and_line(tmp_path, line, match):
+    path = _write(tmp_path, [{"instruction": "ok", "output": "fine"}, line])
+    with pytest.raises(ValueError, match=match):
+        load_jsonl(path, "alpaca")
+    ds = load_jsonl(path, "alpaca", skip_malformed=True)
+    assert len(ds.examples) == 1 and ds.skipped == 1
+
+
+def test_bad_format_and_missing_file(tmp_path):
+    with pytest.raises(ValueError, match="data format must be one of"):
+        load_jsonl(tmp_path / "x.jsonl", "sharegpt")
+    with pytest.raises(ValueError, match="no such data file"):
+        load_jsonl(tmp_path / "x.jsonl", "text")
+
+
+def test_byte_tokenizer_round_trip():
+    tok = ByteTokenizer()
+    text = "Grüße, 42!"
+    assert tok.decode(tok.encode(text)) == text
+    assert max(tok.encode(text)) < 256 and tok.vocab_size == 259
+
+
+def test_hf_tokenizer_reads_special_ids(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<s>": 0, "</s>": 1, "a": 2, "b": 3}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="a"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    t.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    tok = HFTokenizer(tmp_path)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 1)  # pad falls back to EOS
+    assert tok.encode("a b") == [2, 3]
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 3, "pad_token_id": 2}))
+    assert (HFTokenizer(tmp_path).eos_id, HFTokenizer(tmp_path).pad_id) == (3, 2)
+
+
+def test_synthetic_is_deterministic_and_exact():
+    a, b = make_examples(40, 7), make_examples(40, 7)
+    assert a == b and a != make_examples(40, 8)
+    for ex in a:
+        q = ex.source
+        if "+" in q:
+            x, y = q[3:].split("=")[0].split("+")
+            assert ex.target == str(int(x) + int(y))
+        elif "sort" in q:
+            assert ex.target == " ".join(sorted(q.split("sort ")[1].split("\n")[0].split()))
+        elif "reverse" in q:
+            assert ex.target == q.split("reverse ")[1].split("\n")[0][::-1]
+        else:
+            assert ex.target == q.split("upper ")[1].split("\n")[0].upper()
+    assert exact_match([e.target + " " for e in a], a) == 1.0
+    assert exact_match(["x"] * 40, a) == 0.0
+
+
+def test_target_only_loss_mask_and_truncation():
+    tok = ByteTokenizer()
+    [t], _ = tokenize([Example("abcdef", "xyz")], tok, source_max_len=4, target_max_len=3)
+    assert list(t.ids) == [256, 97, 98, 99, 120, 121, 122]  # BOS + "abc" | "xyz" (EOS cut)
+    assert list(t.loss_mask) == [False] * 4 + [True] * 3
+    [t], _ = tokenize([Example("ab", "x")], tok, source_max_len=8, target_max_len=8, train_on_source=True)
+    assert t.loss_mask.all() and list(t.ids)[-1] == tok.eos_id
+    with pytest.raises(ValueError, match="example 0: empty target"):
+        tokenize([Example("ab", "")], tok, source_max_len=8, target_max_len=8)
+    out, skipped = tokenize(
+        [Example("ab", ""), Example("a", "b")], tok, source_max_len=8, target_max_len=8, skip_empty=True
+    )
+    assert len(out) == 1 and skipped == 1
+
+
+def test_batches_are_deterministic_grouped_and_resumable():
+    tok = ByteTokenizer()
+    data, _ = tokenize(make_examples(400, 0), tok, source_max_len=64, target_max_len=16)
+    a = Batches(data, 8, tok.pad_id, seed=3)
+    first = [next(a) for _ in range(60)]  # crosses an epoch boundary (50 batches per epoch)
+    b = Batches(data, 8, tok.pad_id, seed=3)
+    for x, y in zip(first, [next(b) for _ in range(60)], strict=True):
+        np.testing.assert_array_equal(x["input_ids"], y["input_ids"])
+    c = Batches(data, 8, tok.pad_id, seed=3)
+    for _ in range(37):
+        next(c)
+    saved = c.state()
+    d = Batches(data, 8, tok.pad_id, seed=3)
+    d.restore(saved)
+    for i in range(37, 60):
+        np.testing.assert_array_equal(next(d)["input_ids"], first[i]["input_ids"])
+    # length grouping pads less than a random order
+    plain = Batches(data, 8, tok.pad_id, seed=3, group_by_length=False, pad_multiple=1)
+    grouped = Batches(data, 8, tok.pad_id, seed=3, pad_multiple=1)
+    pad = lambda it: np.mean([(~next(it)["attention_mask"]).sum() for _ in range(50)])  # noqa: E731
+    assert pad(grouped) < 0.5 * pad(plain)
+    fixed = next(Batches(data, 8, tok.pad_id, pad_to=96))
+    assert fixed["input_ids"].shape == (8, 96)
+    with pytest.raises(ValueError, match="shorter than the longest example"):
+        Batches(data, 8, tok.pad_id, pad_to=8)

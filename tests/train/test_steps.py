@@ -1,0 +1,76 @@
+"""Train step: differentiates the adapters only, accumulation equals one large batch, the loss
+masks targets, metrics are the true quantities."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from qlora_jax.data import ByteTokenizer, Tokenized, collate
+from qlora_jax.nn import LlamaConfig, LlamaForCausalLM, LoRAConfig, QuantConfig, split_params
+from qlora_jax.train import TrainState, make_train_step, token_loss
+
+TOK = ByteTokenizer()
+CFG = LlamaConfig(vocab_size=TOK.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=1)
+
+
+def _setup(seed=0):
+    model = LlamaForCausalLM(CFG, lora=LoRAConfig(rank=4, dropout=0.0), quant=QuantConfig(), dtype=jnp.float32)
+    v = model.init(jax.random.key(seed), jnp.ones((1, 4), jnp.int32))
+    params, frozen = split_params(v)
+    params = jax.tree.map(lambda a: a + 0.02, params)  # nonzero B
+    return model, params, frozen
+
+
+def _batch(rng, b=4, t=16):
+    items = []
+    for _ in range(b):
+        n = int(rng.integers(6, t))
+        ids = rng.integers(0, 256, n).astype(np.int32)
+        mask = np.arange(n) >= n // 2
+        items.append(Tokenized(ids, mask))
+    return collate(items, TOK.pad_id, 16)
+
+
+def test_loss_counts_only_masked_targets(fresh_rng):
+    model, params, frozen = _setup()
+    batch = _batch(fresh_rng)
+    total, n = token_loss(model, params, frozen, batch, None, deterministic=True)
+    logits = np.asarray(
+        model.apply({"params": params, **frozen}, batch["input_ids"], batch["attention_mask"]), np.float64
+    )
+    logp = (
+        logits
+        - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+        - logits.max(-1, keepdims=True)
+    )
+    want, count = 0.0, 0
+    for r in range(4):
+        for t in range(15):
+            if batch["loss_mask"][r, t + 1] and batch["attention_mask"][r, t + 1]:
+                want -= logp[r, t, batch["input_ids"][r, t + 1]]
+                count += 1
+    assert int(n) == count
+    np.testing.assert_allclose(float(total), want, rtol=1e-5)
+
+
+def test_accumulation_equals_one_large_batch_and_only_adapters_change(fresh_rng):
+    model, params, frozen = _setup()
+    tx = optax.sgd(0.1)
+    step = jax.jit(make_train_step(model, tx, optax.constant_schedule(0.1)))
+    big = _batch(fresh_rng, b=8)
+    one = {k: v[None] for k, v in big.items()}  # [1, 8, T]
+    two = {k: v.reshape(2, 4, -1) for k, v in big.items()}  # [2, 4, T]
+    s1, m1 = step(TrainState(jnp.int32(0), params, tx.init(params)), frozen, one, jax.random.key(0))
+    s2, m2 = step(TrainState(jnp.int32(0), params, tx.init(params)), frozen, two, jax.random.key(0))
+    np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), s1.params, s2.params)
+    assert int(s1.step) == 1 and float(m1["learning_rate"]) == np.float32(0.1)
+    grads = jax.grad(
+        lambda p: token_loss(model, p, frozen, big, None, True)[0] / token_loss(model, p, frozen, big, None, True)[1]
+    )(params)
+    np.testing.assert_allclose(float(m1["grad_norm"]), float(optax.tree.norm(grads)), rtol=1e-4)
+    np.testing.assert_allclose(float(m1["update_norm"]), 0.1 * float(m1["grad_norm"]), rtol=1e-4)
+    assert set(jax.tree.leaves(jax.tree.map(lambda p: p.shape, s1.params))) == set(
+        jax.tree.leaves(jax.tree.map(lambda p: p.shape, params))
+    )
