@@ -135,6 +135,37 @@ class LlamaConfig:
         )
 
 
+def config_to_hf(config: LlamaConfig, dtype: str = "float32") -> dict:
+    """A transformers-5 ``config.json`` dict for ``config``."""
+    arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+    rope = {"rope_theta": config.rope_theta, "rope_type": "default", **config.rope_scaling_dict}
+    out = {
+        "architectures": [arch[config.model_type]],
+        "model_type": config.model_type,
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "head_dim": config.dim_head,
+        "hidden_act": "silu",
+        "rms_norm_eps": config.rms_norm_eps,
+        "rope_parameters": rope,
+        "max_position_embeddings": config.max_position_embeddings,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "attention_bias": config.attention_bias,
+        "mlp_bias": config.mlp_bias,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": list(config.eos_token_id) if isinstance(config.eos_token_id, tuple) else config.eos_token_id,
+        "pad_token_id": config.pad_token_id,
+        "dtype": dtype,
+    }
+    if config.model_type == "mistral":
+        out["sliding_window"] = config.sliding_window
+    return out
+
+
 # --- rotary embeddings ------------------------------------------------------------------------
 
 

@@ -1,0 +1,242 @@
+"""``train_and_evaluate(config, workdir)``: the QLoRA fine-tuning loop behind experiments.finetune.
+
+One run: build or load the model (NF4 base + LoRA adapters), build the data, train with a jitted
+step over the adapters only (paged AdamW by default), log metrics to ``workdir/metrics.jsonl``,
+evaluate every ``eval_every`` steps, checkpoint with orbax every ``checkpoint_every`` steps
+(adapters, optimizer state, step, data position; the RNG is a function of the step), and export
+PEFT adapters (plus the base, and optionally merged / 4-bit checkpoints) at the end. Re-running
+the same command resumes from the latest checkpoint and continues exactly as an uninterrupted
+run would (same metrics, bit for bit, on CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from tqdm.auto import tqdm
+
+from qlora_jax.checkpoints import load_pretrained
+from qlora_jax.data import Batches, ByteTokenizer, HFTokenizer, exact_match, load_jsonl, make_examples, tokenize
+from qlora_jax.nn import LlamaConfig, LlamaForCausalLM, LoRAConfig, QuantConfig, generate, split_params
+from qlora_jax.optim import adamw_8bit, paged
+from qlora_jax.train import export
+from qlora_jax.train.steps import TrainState, make_eval_step, make_train_step
+
+OPTIMIZERS = ("paged_adamw", "adamw", "paged_adamw_8bit", "adamw_8bit")
+
+
+def _quant_config(config) -> QuantConfig | None:
+    q = config.quant
+    if not q.enabled:
+        return None
+    return QuantConfig(q.type, q.block_size, q.double_quant, q.nested_block_size)
+
+
+def _lora_config(config) -> LoRAConfig:
+    c = config.lora
+    return LoRAConfig(
+        rank=c.rank, alpha=c.alpha, dropout=c.dropout, targets=tuple(c.targets), use_rslora=c.use_rslora,
+        init=c.init, dtype=jnp.dtype(c.dtype),
+    )  # fmt: skip
+
+
+def build_model(config):
+    """(model, variables, tokenizer, model_config): loaded from ``model_path`` or built from seed."""
+    dtype = jnp.dtype(config.train.dtype)
+    lora, quant = _lora_config(config), _quant_config(config)
+    if config.model_path:
+        model, variables = load_pretrained(
+            config.model_path, quant=quant, lora=lora, dtype=dtype, seed=config.seed, remat=config.train.remat
+        )
+        return model, variables, HFTokenizer(config.model_path), model.config
+    tok = ByteTokenizer()
+    m = config.model
+    cfg = LlamaConfig(
+        vocab_size=tok.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+        num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads,
+        num_key_value_heads=m.num_key_value_heads, max_position_embeddings=m.max_position_embeddings,
+        bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
+    )  # fmt: skip
+    model = LlamaForCausalLM(cfg, lora=lora, quant=quant, dtype=dtype, remat=config.train.remat)
+    variables = model.init(jax.random.key(config.seed), jnp.ones((1, 8), jnp.int32))
+    return model, variables, tok, cfg
+
+
+def build_data(config, tok):
+    d = config.data
+    if d.kind == "synthetic":
+        train_ex = make_examples(d.num_train, config.seed, tuple(d.families))
+        eval_ex = make_examples(d.num_eval, config.seed + 1, tuple(d.families))
+    elif d.kind == "jsonl":
+        ds = load_jsonl(d.path, d.format, skip_malformed=d.skip_malformed)
+        if ds.skipped:
+            logging.warning("%s: skipped %d malformed lines", d.path, ds.skipped)
+        examples = ds.examples
+        n_eval = min(d.num_eval, len(examples) // 10)
+        order = np.random.default_rng(config.seed).permutation(len(examples))
+        eval_ex = [examples[i] for i in order[:n_eval]]
+        train_ex = [examples[i] for i in order[n_eval:]]
+    else:
+        raise ValueError(f"config.data.kind must be 'synthetic' or 'jsonl'; got {d.kind!r}")
+    kw = dict(source_max_len=d.source_max_len, target_max_len=d.target_max_len, skip_empty=d.skip_malformed)
+    train, _ = tokenize(train_ex, tok, train_on_source=d.train_on_source, **kw)
+    evals, _ = tokenize(eval_ex, tok, **kw)
+    length = d.source_max_len + d.target_max_len
+    batches = Batches(
+        train, config.train.batch_size, tok.pad_id, seed=config.seed, group_by_length=d.group_by_length, pad_to=length
+    )
+    eval_batches = Batches(evals, config.train.batch_size, tok.pad_id, seed=0, group_by_length=False, pad_to=length)
+    return batches, eval_batches, eval_ex
+
+
+def build_optimizer(config):
+    t = config.train
+    if t.optimizer not in OPTIMIZERS:
+        raise ValueError(f"config.train.optimizer must be one of {OPTIMIZERS}; got {t.optimizer!r}")
+    warmup = round(t.warmup_ratio * t.steps)
+    schedule = optax.join_schedules(
+        [optax.linear_schedule(0.0, t.learning_rate, max(warmup, 1)), optax.constant_schedule(t.learning_rate)],
+        [warmup],
+    )
+    base = adamw_8bit if t.optimizer.endswith("8bit") else optax.adamw
+    inner = optax.chain(
+        optax.clip_by_global_norm(t.max_grad_norm), base(schedule, b2=t.adam_b2, weight_decay=t.weight_decay)
+    )
+    return (paged(inner) if t.optimizer.startswith("paged") else inner), schedule
+
+
+def _evaluate(eval_step, params, frozen, eval_batches, num_batches):
+    eval_batches.restore({"epoch": 0, "index": 0})
+    total, count = 0.0, 0
+    for _ in range(num_batches):
+        loss, n = eval_step(params, frozen, {k: jnp.asarray(v) for k, v in next(eval_batches).items()})
+        total, count = total + float(loss), count + int(n)
+    mean = total / max(count, 1)
+    return {"eval_loss": mean, "eval_perplexity": math.exp(min(mean, 50.0))}
+
+
+def _generate_answers(model, variables, tok, examples, max_new_tokens):
+    prompts = [([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(e.source) for e in examples]
+    width = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), width), tok.pad_id, np.int32)
+    mask = np.zeros((len(prompts), width), np.int32)
+    for r, p in enumerate(prompts):  # left padding
+        ids[r, width - len(p) :], mask[r, width - len(p) :] = p, 1
+    out = np.asarray(generate(model, variables, ids, mask, max_new_tokens=max_new_tokens, eos_token_id=tok.eos_id))
+    answers = []
+    for row in out[:, width:]:
+        row = list(row)
+        answers.append(tok.decode(row[: row.index(tok.eos_id)] if tok.eos_id in row else row))
+    return answers
+
+
+def _stop_diverged(ckpt, workdir, what: str):
+    ckpt.wait_until_finished()  # the last save must be complete before we report it intact
+    ckpt.close()
+    raise FloatingPointError(
+        f"{what}; stopping. The last checkpoint (step {ckpt.latest_step()}) in {workdir / 'checkpoints'} is intact."
+    )
+
+
+def train_and_evaluate(config, workdir) -> dict:
+    """Run (or resume) the fine-tune described by ``config`` in ``workdir``; returns the last metrics."""
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    t = config.train
+    model, variables, tok, model_cfg = build_model(config)
+    params, frozen = split_params(variables)
+    batches, eval_batches, eval_examples = build_data(config, tok)
+    tx, schedule = build_optimizer(config)
+    state = TrainState(jnp.int32(0), params, tx.init(params))
+
+    ckpt = ocp.CheckpointManager(
+        (workdir / "checkpoints").absolute(),
+        options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True),
+    )
+    metrics_file = workdir / "metrics.jsonl"
+    start = 0
+    if ckpt.latest_step() is not None:
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+        restored = ckpt.restore(
+            ckpt.latest_step(),
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()),
+        )
+        state, meta = restored["state"], restored["meta"]
+        batches.restore(meta["data"])
+        start = int(state.step)
+        logging.info("resumed from step %d", start)
+    # keep only what the restored state had logged; a killed run may have logged further
+    kept = []
+    if metrics_file.exists():
+        kept = [line for line in metrics_file.read_text().splitlines() if json.loads(line)["step"] <= start]
+    metrics_file.write_text("".join(line + "\n" for line in kept))
+
+    train_step = jax.jit(make_train_step(model, tx, schedule), donate_argnums=(0,))
+    eval_step = jax.jit(make_eval_step(model))
+    base_key = jax.random.key(config.seed + 1)
+    last = {}
+    bar = tqdm(range(start, t.steps), initial=start, total=t.steps, desc="train", disable=not config.progress)
+    window_tokens, window_start = 0, time.perf_counter()
+    for step in bar:
+        micro = [next(batches) for _ in range(t.accum_steps)]
+        batch = {k: jnp.asarray(np.stack([m[k] for m in micro])) for k in micro[0]}
+        state, metrics = train_step(state, frozen, batch, jax.random.fold_in(base_key, step))
+        done = step + 1
+        if done % config.log_every == 0 or done == t.steps:
+            m = {k: float(v) for k, v in metrics.items()}
+            if not math.isfinite(m["loss"]):
+                _stop_diverged(ckpt, workdir, f"non-finite loss {m['loss']} at step {done}")
+            window_tokens += int(m["tokens"])
+            elapsed = time.perf_counter() - window_start
+            m["tokens_per_sec"] = window_tokens / max(elapsed, 1e-9)
+            stats = jax.devices()[0].memory_stats() or {}
+            if "bytes_in_use" in stats:
+                m["device_bytes_in_use"] = stats["bytes_in_use"]
+            if done % config.eval_every == 0 or done == t.steps:
+                m.update(_evaluate(eval_step, state.params, frozen, eval_batches, config.eval_batches))
+            last = {"step": done, **m}
+            with metrics_file.open("a") as f:
+                f.write(json.dumps({k: v for k, v in last.items() if k != "tokens_per_sec"}) + "\n")
+            bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{m['tokens_per_sec']:.0f}")
+            window_tokens, window_start = 0, time.perf_counter()
+        if done % config.checkpoint_every == 0 or done == t.steps:
+            if not math.isfinite(float(metrics["loss"])):  # never checkpoint a diverged state
+                _stop_diverged(ckpt, workdir, f"non-finite loss at step {done}")
+            ckpt.save(
+                done,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({"data": batches.state()})
+                ),
+            )
+    ckpt.wait_until_finished()
+    ckpt.close()
+
+    final = {"params": state.params, **frozen}
+    if config.data.kind == "synthetic" and config.num_generate:
+        sample = eval_examples[: config.num_generate]
+        answers = _generate_answers(model, final, tok, sample, config.data.target_max_len)
+        last["exact_match"] = exact_match(answers, sample)
+        with (workdir / "samples.jsonl").open("w") as f:
+            for e, a in zip(sample, answers, strict=True):
+                f.write(json.dumps({"source": e.source, "target": e.target, "generated": a}) + "\n")
+    out = workdir / "export"
+    lora = _lora_config(config)
+    export.export_peft_adapter(out / "adapter", state.params, lora, config.model_path or str(out / "base"))
+    base = frozen["frozen"]
+    if not config.model_path:
+        export.export_hf(out / "base", model_cfg, base)
+    if config.export.merged:
+        export.export_hf(out / "merged", model_cfg, base, dtype=jnp.bfloat16, params=state.params, lora=lora)
+    if config.export.quantized and _quant_config(config) is not None:
+        export.export_quantized(out / "quantized", model_cfg, base, _quant_config(config))
+    (workdir / "final_metrics.json").write_text(json.dumps(last, indent=2) + "\n")
+    return last
