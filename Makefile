@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv test lint format bench fixtures clean
+.PHONY: venv test finetune lint format bench fixtures clean
 
 venv: $(STAMP)
 
@@ -19,6 +19,10 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
+
+# The default fine-tune: tiny random LLaMA in NF4, synthetic tasks, no downloads (CPU, < 2 min).
+finetune: $(STAMP)
+	$(PY) -m experiments.finetune --config=experiments/configs/tiny.py --workdir=runs/tiny
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
