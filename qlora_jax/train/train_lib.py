@@ -1,9 +1,10 @@
 """``train_and_evaluate(config, workdir)``: the QLoRA fine-tuning loop behind experiments.finetune.
 
 One run: build or load the model (NF4 base + LoRA adapters), build the data, train with a jitted
-step over the adapters only (paged AdamW by default), log metrics to ``workdir/metrics.jsonl``,
-evaluate every ``eval_every`` steps, checkpoint with orbax every ``checkpoint_every`` steps
-(adapters, optimizer state, step, data position; the RNG is a function of the step), and export
+step over the adapters only (paged AdamW by default), log metrics to ``workdir/metrics.jsonl``
+and TensorBoard event files (``workdir/tensorboard``), evaluate every ``eval_every`` steps,
+checkpoint with orbax every ``checkpoint_every`` steps (adapters, optimizer state, step, data
+position; the RNG is a function of the step), and export
 PEFT adapters (plus the base, and optionally merged / 4-bit checkpoints) at the end. Re-running
 the same command resumes from the latest checkpoint and continues exactly as an uninterrupted
 run would (same metrics, bit for bit, on CPU).
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from tensorboardX import SummaryWriter
 from tqdm.auto import tqdm
 
 from qlora_jax.checkpoints import load_pretrained
@@ -180,6 +182,7 @@ def train_and_evaluate(config, workdir) -> dict:
         kept = [line for line in metrics_file.read_text().splitlines() if json.loads(line)["step"] <= start]
     metrics_file.write_text("".join(line + "\n" for line in kept))
 
+    tensorboard = SummaryWriter(str(workdir / "tensorboard"), purge_step=start + 1)
     train_step = jax.jit(make_train_step(model, tx, schedule), donate_argnums=(0,))
     eval_step = jax.jit(make_eval_step(model))
     base_key = jax.random.key(config.seed + 1)
@@ -206,6 +209,8 @@ def train_and_evaluate(config, workdir) -> dict:
             last = {"step": done, **m}
             with metrics_file.open("a") as f:
                 f.write(json.dumps({k: v for k, v in last.items() if k != "tokens_per_sec"}) + "\n")
+            for k, v in m.items():
+                tensorboard.add_scalar(k, v, done)
             bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{m['tokens_per_sec']:.0f}")
             window_tokens, window_start = 0, time.perf_counter()
         if done % config.checkpoint_every == 0 or done == t.steps:
@@ -219,6 +224,7 @@ def train_and_evaluate(config, workdir) -> dict:
             )
     ckpt.wait_until_finished()
     ckpt.close()
+    tensorboard.close()
 
     final = {"params": state.params, **frozen}
     if config.data.kind == "synthetic" and config.num_generate:

@@ -71,6 +71,8 @@ def test_run_writes_metrics_checkpoint_and_exports(full_run):
     assert sorted(p.name for p in (full_run / "checkpoints").iterdir() if p.name.isdigit()) == ["20", "30"]
     assert (full_run / "export" / "base" / "config.json").exists()
     assert len((full_run / "samples.jsonl").read_text().splitlines()) == 2
+    events = list((full_run / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and b"eval_perplexity" in events[0].read_bytes()
 
 
 def test_adapter_export_matches_real_peft_layout(full_run):
@@ -135,3 +137,43 @@ def test_llama_alpaca_config_is_the_qlora_recipe():
     assert (c.train.learning_rate, c.train.warmup_ratio, c.train.max_grad_norm) == (2e-4, 0.03, 0.3)
     assert (c.train.batch_size * c.train.accum_steps, c.train.optimizer, c.train.remat) == (16, "paged_adamw", True)
     assert c.data.train_on_source is False and c.data.format == "alpaca"
+
+
+def test_merged_and_quantized_exports_load_back(tmp_path):
+    """export/merged reloads as a plain HF checkpoint whose logits equal the adapted model's;
+    export/quantized reloads as a bitsandbytes 4-bit checkpoint with the same 4-bit bytes."""
+    import jax
+    import jax.numpy as jnp
+
+    from qlora_jax.checkpoints import load_pretrained
+    from qlora_jax.nn import LoRAConfig, QuantConfig
+    from qlora_jax.train import export
+
+    src = ROOT / "tests" / "fixtures" / "hf" / "llama_gqa"
+    model, v = load_pretrained(
+        src, quant=QuantConfig(), lora=LoRAConfig(rank=4, dropout=0.0), dtype=jnp.float32, progress=False
+    )
+    v["params"] = jax.tree.map(lambda a: a + 0.01, v["params"])
+    export.export_hf(
+        tmp_path / "merged", model.config, v["frozen"], dtype=jnp.float32, params=v["params"], lora=model.lora
+    )
+    # the merged weight is dequant(W) + s * B @ A rounded to bf16: within one bf16 step of the
+    # float64 merge, element by element
+    from qlora_jax import quant
+
+    tensor = load_file(tmp_path / "merged" / "model.safetensors")["model.layers.1.mlp.down_proj.weight"]
+    node = v["frozen"]["layers_1"]["mlp"]["down_proj"]
+    a, b = (np.asarray(v["params"]["layers_1"]["mlp"]["down_proj"][k], np.float64) for k in ("lora_a", "lora_b"))
+    exact = np.asarray(quant.dequantize(node["kernel"], jnp.float32), np.float64) + model.lora.scale * b @ a
+    assert np.all(np.abs(tensor - exact) <= np.abs(exact) * 2.0**-8 + 1e-30)
+    merged_model, merged = load_pretrained(tmp_path / "merged", quant=None, dtype=jnp.float32, progress=False)
+    ids = np.arange(24, dtype=np.int32).reshape(2, 12) * 7 % 256
+    want = np.asarray(model.apply(v, ids))
+    got = np.asarray(merged_model.apply(merged, ids))
+    # bf16 weights (relative rounding <= 2^-9 each) move logits by about that fraction
+    assert np.abs(got - want).max() <= 2.0**-8 * np.abs(want).max()
+    export.export_quantized(tmp_path / "quantized", model.config, v["frozen"], QuantConfig())
+    _, q = load_pretrained(tmp_path / "quantized", quant=None, dtype=jnp.float32, progress=False)
+    a = v["frozen"]["layers_0"]["mlp"]["up_proj"]["kernel"]
+    b = q["frozen"]["layers_0"]["mlp"]["up_proj"]["kernel"]
+    np.testing.assert_array_equal(np.asarray(a.packed), np.asarray(b.packed))
