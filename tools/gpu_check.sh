@@ -2,7 +2,8 @@
 # The one prepared script for a lent GPU machine (jax 0.11.2 + CUDA preinstalled, no network):
 #   1. the kernel tests compiled for the GPU (QLORA_JAX_INTERPRET=0), not interpreted;
 #   2. experiments/bench_kernels.py;
-#   3. experiments/bench_optim.py (paged / 8-bit AdamW step time, host<->device GB/s).
+#   3. experiments/bench_optim.py (paged / 8-bit AdamW step time, host<->device GB/s);
+#   4. experiments/bench_train.py (QLoRA step vs bf16-LoRA step, hidden 4096, 2 layers).
 # Prints a short summary table last; full logs go to $OUT (or /tmp/gpu_check). Budget: < 5 min.
 # Usage (device tool): bash tools/gpu_check.sh
 # Dry run on a CPU (interpret mode, XLA path only): QLORA_JAX_INTERPRET=1 PY=.venv/bin/python bash tools/gpu_check.sh
@@ -20,13 +21,15 @@ PY=${PY:-python3}
 } | tee "$OUT/env.txt"
 
 # -p no:cacheprovider: the tree may be read-only; -o addopts=: no xdist there (one GPU anyway).
-timeout 140 $PY -m pytest tests/kernels tests/optim -q -p no:cacheprovider -o addopts="--strict-markers --import-mode=importlib" \
+timeout 120 $PY -m pytest tests/kernels tests/optim -q -p no:cacheprovider -o addopts="--strict-markers --import-mode=importlib" \
   >"$OUT/tests.log" 2>&1
 tests_rc=$?
-timeout 120 $PY -m experiments.bench_kernels --json="$OUT/bench.json" >"$OUT/bench.log" 2>&1
+timeout 110 $PY -m experiments.bench_kernels --json="$OUT/bench.json" >"$OUT/bench.log" 2>&1
 bench_rc=$?
-timeout 45 $PY -m experiments.bench_optim >"$OUT/bench_optim.log" 2>&1
+timeout 40 $PY -m experiments.bench_optim >"$OUT/bench_optim.log" 2>&1
 optim_rc=$?
+timeout 30 $PY -m experiments.bench_train --hidden=4096 --layers=2 --seq=512 >"$OUT/bench_train.log" 2>&1
+train_rc=$?
 
 echo
 echo "== kernel tests (rc=$tests_rc) =="
@@ -37,4 +40,7 @@ grep -v -e "^I[0-9]" -e "^W[0-9]" "$OUT/bench.log" | tail -n 60
 echo
 echo "== bench_optim (rc=$optim_rc) =="
 grep -v -e "^I[0-9]" -e "^W[0-9]" "$OUT/bench_optim.log" | tail -n 12
-exit $(( tests_rc != 0 || bench_rc != 0 || optim_rc != 0 ))
+echo
+echo "== bench_train (rc=$train_rc) =="
+grep -v -e "^I[0-9]" -e "^W[0-9]" "$OUT/bench_train.log" | tail -n 6
+exit $(( tests_rc != 0 || bench_rc != 0 || optim_rc != 0 || train_rc != 0 ))
