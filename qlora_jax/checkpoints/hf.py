@@ -32,7 +32,7 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 _BNB_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 
 
-def _hf_name(path: tuple[str, ...]) -> str:
+def hf_tensor_name(path: tuple[str, ...]) -> str:
     """Our ``"frozen"`` path -> the transformers tensor name."""
     head, *rest = path
     if head == "embed_tokens":
@@ -171,7 +171,7 @@ def _load_frozen(tensors, abstract_frozen, storage, prequant, dtype, progress, r
     used: set[str] = set()
     out = {}
     for path, leaf in tqdm(flat.items(), desc=f"loading {root.name}", disable=not progress, unit="tensor"):
-        name = _hf_name(path)
+        name = hf_tensor_name(path)
         expected = tuple(leaf.shape)
         if name not in tensors:
             raise ValueError(f"{root}: checkpoint is missing tensor {name!r} (expected shape {list(expected)})")
@@ -226,7 +226,7 @@ def save_pretrained_4bit(path, config_raw: dict, frozen: dict, compute_dtype: st
     tensors: dict[str, np.ndarray] = {}
     kinds = set()
     for p, value in traverse_util.flatten_dict(frozen).items():
-        name = _hf_name(p)
+        name = hf_tensor_name(p)
         if _is_qt(value):
             kinds.add((value.quant_type, value.double_quant, value.block_size))
             tensors.update(quant.to_bnb_state_dict(value, prefix=name))

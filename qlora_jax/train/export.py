@@ -17,6 +17,7 @@ from flax import traverse_util
 from safetensors.numpy import save_file
 
 from qlora_jax import quant
+from qlora_jax.checkpoints.hf import hf_tensor_name, save_pretrained_4bit
 from qlora_jax.nn.llama import LlamaConfig, config_to_hf
 from qlora_jax.nn.lora import LoRAConfig, QuantConfig, merged_weight
 
@@ -57,8 +58,6 @@ def export_peft_adapter(path, params: dict, lora: LoRAConfig, base_model_name_or
 
 def _hf_tensors(frozen: dict, dtype, params: dict | None = None, lora: LoRAConfig | None = None):
     """The frozen tree as transformers tensors (dequantized), optionally with adapters merged."""
-    from qlora_jax.checkpoints.hf import _hf_name
-
     flat_params = traverse_util.flatten_dict(params) if params is not None else {}
     out = {}
     for p, v in traverse_util.flatten_dict(frozen).items():
@@ -69,7 +68,7 @@ def _hf_tensors(frozen: dict, dtype, params: dict | None = None, lora: LoRAConfi
             w = quant.dequantize(v, jnp.float32)
         else:
             w = v
-        out[_hf_name(p)] = np.asarray(jax.device_get(jnp.asarray(w).astype(dtype)))
+        out[hf_tensor_name(p)] = np.asarray(jax.device_get(jnp.asarray(w).astype(dtype)))
     return out
 
 
@@ -85,7 +84,6 @@ def export_hf(path, config: LlamaConfig, frozen: dict, *, dtype=jnp.float32, par
 
 def export_quantized(path, config: LlamaConfig, frozen: dict, quant_config: QuantConfig) -> None:
     """Write the base as a transformers + bitsandbytes 4-bit checkpoint."""
-    from qlora_jax.checkpoints.hf import save_pretrained_4bit
 
     def requantize(p, v):
         linear = p[-1] == "kernel" and p[0] != "lm_head"

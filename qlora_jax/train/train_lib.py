@@ -206,6 +206,12 @@ def train_and_evaluate(config, workdir) -> dict:
                 m["device_bytes_in_use"] = stats["bytes_in_use"]
             if done % config.eval_every == 0 or done == t.steps:
                 m.update(_evaluate(eval_step, state.params, frozen, eval_batches, config.eval_batches))
+                if config.data.kind == "synthetic" and config.num_generate:
+                    sample = eval_examples[: config.num_generate]
+                    answers = _generate_answers(
+                        model, {"params": state.params, **frozen}, tok, sample, config.data.target_max_len
+                    )
+                    m["exact_match"] = exact_match(answers, sample)
             last = {"step": done, **m}
             with metrics_file.open("a") as f:
                 f.write(json.dumps({k: v for k, v in last.items() if k != "tokens_per_sec"}) + "\n")
