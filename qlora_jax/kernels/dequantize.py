@@ -83,6 +83,13 @@ def _mul_rn(a: jax.Array, b: jax.Array, *, interpret: bool) -> jax.Array:
     return out
 
 
+def double_quant_args(qt: quant.QuantizedTensor) -> tuple:
+    """The kernel inputs :func:`load_absmax` reads as ``dq_refs`` (empty without double quant)."""
+    if not qt.double_quant:
+        return ()
+    return (qt.nested_absmax, qt.offset.reshape(1), jnp.asarray(codebooks.DYNAMIC_SIGNED))
+
+
 def load_absmax(absmax_ref, dq_refs, block_ids: jax.Array, *, nested_block_size, interpret: bool) -> jax.Array:
     """float32 absmax of the quantization blocks ``block_ids`` (any shape of int32 indices).
 
@@ -147,10 +154,7 @@ def dequantize_pallas(
     (aliased), so elements it fails to write keep their poison value."""
     nb, bs = qt.num_blocks, qt.block_size
     tile = _tile_blocks(nb, block_sizes.blocks_per_tile)
-    dq_args = ()
-    if qt.double_quant:
-        dq_args = (qt.nested_absmax, qt.offset.reshape(1), jnp.asarray(codebooks.DYNAMIC_SIGNED))
-    args = (qt.packed.reshape(nb, bs // 2), qt.absmax, *dq_args)
+    args = (qt.packed.reshape(nb, bs // 2), qt.absmax, *double_quant_args(qt))
     out_shape = jax.ShapeDtypeStruct((nb, bs), _OUT_DTYPES[dtype])
     aliases = {}
     if out is not None:

@@ -34,11 +34,11 @@ from qlora_jax.kernels.dequantize import (
 )
 from qlora_jax.kernels.dequantize import (
     dequantize_tile,
+    double_quant_args,
     drop_alias_input,
     load_absmax,
     resolve_interpret,
 )
-from qlora_jax.quant import codebooks
 
 IMPLS = ("auto", "pallas", "pallas_dequant", "xla")
 KERNEL_BLOCK_SIZES = (32, 64, 128, 256)  # quantization block sizes the fused kernels take
@@ -154,9 +154,7 @@ def _qmatmul_bwd_kernel(dy_ref, packed_ref, absmax_ref, *refs, block_m, block_n,
 
 def _weight_args(qt: quant.QuantizedTensor):
     n, k = qt.shape
-    dq_args = ()
-    if qt.double_quant:
-        dq_args = (qt.nested_absmax, qt.offset.reshape(1), jnp.asarray(codebooks.DYNAMIC_SIGNED))
+    dq_args = double_quant_args(qt)
     meta = (qt.quant_type, qt.block_size, k // qt.block_size, qt.nested_block_size)
     return (qt.packed.reshape(n, k // 2), qt.absmax, *dq_args), meta
 

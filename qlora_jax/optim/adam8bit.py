@@ -21,9 +21,7 @@ import optax
 from qlora_jax.quant import blockwise, codebooks
 
 BLOCK = 256
-_SIGNED = (codebooks.DYNAMIC_SIGNED, codebooks.DYNAMIC_SIGNED_THRESHOLDS)
 DYNAMIC_UNSIGNED = codebooks.dynamic_map(signed=False)
-_UNSIGNED = (DYNAMIC_UNSIGNED, codebooks.exact_midpoint_thresholds(DYNAMIC_UNSIGNED))
 
 
 class ScaleByAdam8bitState(NamedTuple):
@@ -39,13 +37,13 @@ class ScaleByAdam8bitState(NamedTuple):
 
 def quantize_moment(x: jax.Array, signed: bool) -> tuple[jax.Array, jax.Array]:
     """float32 tensor -> (uint8 codes of x's shape, float32 absmax per 256-element block)."""
-    table, thresholds = _SIGNED if signed else _UNSIGNED
-    codes, absmax = blockwise.quantize_blockwise_8bit(x, table, thresholds, BLOCK)
+    table = codebooks.DYNAMIC_SIGNED if signed else DYNAMIC_UNSIGNED
+    codes, absmax = blockwise.quantize_blockwise_8bit(x, table, BLOCK)
     return codes.reshape(x.shape), absmax
 
 
 def dequantize_moment(codes: jax.Array, absmax: jax.Array, signed: bool) -> jax.Array:
-    table = _SIGNED[0] if signed else _UNSIGNED[0]
+    table = codebooks.DYNAMIC_SIGNED if signed else DYNAMIC_UNSIGNED
     return blockwise.dequantize_blockwise_8bit(codes.reshape(-1), absmax, table, BLOCK).reshape(codes.shape)
 
 

@@ -136,15 +136,13 @@ def dequantize_4bit_blocks(
     return (values * scale).astype(dtype)
 
 
-def quantize_blockwise_8bit(
-    x: jax.Array, table: np.ndarray, thresholds: np.ndarray, block_size: int
-) -> tuple[jax.Array, jax.Array]:
+def quantize_blockwise_8bit(x: jax.Array, table: np.ndarray, block_size: int) -> tuple[jax.Array, jax.Array]:
     """8-bit block-wise quantization with the exact nearest code of an ascending 256-entry table.
 
-    Returns (codes uint8 [n], absmax float32 [nblocks]). ``thresholds`` are the table's exact
-    midpoints (:func:`codebooks.exact_midpoint_thresholds`), so a tie takes the lower code.
+    Returns (codes uint8 [n], absmax float32 [nblocks]). The decision thresholds are the table's
+    exact midpoints (:func:`codebooks.exact_midpoint_thresholds`), so a tie takes the lower code.
     """
-    del table  # the thresholds encode it; kept in the signature so callers pass matched pairs
+    thresholds = codebooks.exact_midpoint_thresholds(table)
     flat = x.reshape(-1).astype(jnp.float32)
     n = flat.shape[0]
     blocks = _blocks(flat, block_size)
@@ -212,9 +210,7 @@ def accurate_mean(x: jax.Array) -> jax.Array:
 def double_quantize(absmax: jax.Array, nested_block_size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Quantize the float32 block constants: returns (codes uint8, nested_absmax float32, offset)."""
     offset = accurate_mean(absmax)
-    codes, nested_absmax = quantize_blockwise_8bit(
-        absmax - offset, codebooks.DYNAMIC_SIGNED, codebooks.DYNAMIC_SIGNED_THRESHOLDS, nested_block_size
-    )
+    codes, nested_absmax = quantize_blockwise_8bit(absmax - offset, codebooks.DYNAMIC_SIGNED, nested_block_size)
     return codes, nested_absmax, offset
 
 

@@ -160,4 +160,3 @@ def dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int
 
 
 DYNAMIC_SIGNED = dynamic_map(signed=True)
-DYNAMIC_SIGNED_THRESHOLDS = exact_midpoint_thresholds(DYNAMIC_SIGNED)

@@ -183,9 +183,7 @@ def _nearest_code_float64(scaled):
 def test_8bit_codes_are_exact_nearest():
     rng = np.random.default_rng(4)
     x = (rng.standard_normal(5000) * rng.choice([1e-3, 1.0, 10.0], 5000)).astype(f32)
-    codes, absmax = blockwise.quantize_blockwise_8bit(
-        jnp.asarray(x), codebooks.DYNAMIC_SIGNED, codebooks.DYNAMIC_SIGNED_THRESHOLDS, 256
-    )
+    codes, absmax = blockwise.quantize_blockwise_8bit(jnp.asarray(x), codebooks.DYNAMIC_SIGNED, 256)
     a = np.asarray(absmax)
     np.testing.assert_array_equal(a, np.abs(np.pad(x, (0, 120))).reshape(-1, 256).max(1))
     scaled = x * np.repeat(f32(1) / a, 256)[: x.size]
