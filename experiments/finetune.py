@@ -6,15 +6,25 @@ r"""QLoRA fine-tuning entry point.
 
 Unknown or misspelled ``--config.*`` keys are rejected (the config is locked). Re-running the same
 command resumes from the latest checkpoint in ``--workdir``.
+
+Several hosts: start the same command on every host (shared ``--workdir``) with
+``--coordinator_address=host0:1234 --num_processes=N --process_id=i`` (or the environment variables
+``QLORA_COORDINATOR_ADDRESS``, ``QLORA_NUM_PROCESSES``, ``QLORA_PROCESS_ID``); ``config.mesh`` then
+spans every host's devices, and only process 0 writes logs and exports.
 """
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from qlora_jax.parallel import initialize_distributed
 from qlora_jax.train.train_lib import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (experiments/configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and exports.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", "", "Multi-host: host:port of process 0 (jax.distributed).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Multi-host: number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "Multi-host: this process's index, 0 .. num_processes-1.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -22,9 +32,11 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)  # before any JAX call
     metrics = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     logging.info("final metrics: %s", metrics)
-    print("final:", {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
+    if jax.process_index() == 0:
+        print("final:", {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
 
 
 if __name__ == "__main__":

@@ -66,8 +66,16 @@ def get_config():
     c.train.weight_decay = 0.0
     c.train.adam_b2 = 0.999
     c.train.optimizer = "paged_adamw"  # paged_adamw | adamw | paged_adamw_8bit | adamw_8bit
+    c.train.paged_min_size = 100_000  # paged optimizers: state leaves with >= this many elements go to host
     c.train.dtype = "bfloat16"  # compute dtype
     c.train.remat = False  # gradient checkpointing per decoder block
+
+    # Scale-out: a Mesh of data x fsdp over all devices (every host); -1 = the devices left over.
+    # The batch is split over both axes; the frozen base is split over fsdp (block-aligned rows).
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
+    c.sharding = ml_collections.ConfigDict()
+    c.sharding.params = "replicated"  # LoRA adapters: replicated | fsdp
+    c.sharding.opt_state = "replicated"  # optimizer moments (paged ones stay in pinned_host): replicated | fsdp
 
     c.log_every = 10
     c.eval_every = 50

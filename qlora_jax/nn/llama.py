@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qlora_jax import parallel
 from qlora_jax.nn.lora import LoRAConfig, LoRADense, QuantConfig
 
 Array = jax.Array
@@ -360,7 +361,7 @@ class LlamaForCausalLM(nn.Module):
             positions = jnp.maximum(jnp.cumsum(key_mask, axis=-1) - 1, 0).astype(jnp.int32)
 
         embed = _Embed(cfg.vocab_size, cfg.hidden_size, self.dtype, name="embed_tokens")
-        x = embed(input_ids)  # [B, S, D]
+        x = parallel.shard_batch(embed(input_ids))  # [B, S, D]
 
         layer_cls = DecoderLayer
         if self.remat:
@@ -369,7 +370,7 @@ class LlamaForCausalLM(nn.Module):
             layer_cls = nn.remat(DecoderLayer, policy=REMAT_POLICIES[self.remat_policy], static_argnums=(4,))
         mods = dict(lora=self.lora, quant=self.quant, dtype=self.dtype, impl=self.impl, decode=self.decode)
         for i in range(cfg.num_hidden_layers):
-            x = layer_cls(cfg, name=f"layers_{i}", **mods)(x, positions, key_mask, deterministic)
+            x = parallel.shard_batch(layer_cls(cfg, name=f"layers_{i}", **mods)(x, positions, key_mask, deterministic))
         x = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(x)
         if cfg.tie_word_embeddings:
             head = embed.table()

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qlora_jax import kernels, quant
+from qlora_jax import kernels, parallel, quant
 
 Array = jax.Array
 LORA_LEAVES = ("lora_a", "lora_b")
@@ -123,6 +123,9 @@ class LoRADense(nn.Module):
             return self.quant.quantize(w, "kernel") if self.quant is not None else w.astype(self.dtype)
 
         kernel = self.variable("frozen", "kernel", init_kernel).value
+        # FSDP: the base is stored split over devices; gather this layer's 4-bit bytes (not a
+        # dequantized copy) just before use
+        kernel = parallel.gather(kernel)
         x = x.astype(self.dtype)
         if isinstance(kernel, quant.QuantizedTensor):
             if kernel.shape != (self.features, in_features):
@@ -143,6 +146,7 @@ class LoRADense(nn.Module):
             a = self.param("lora_a", lambda k: init_lora_a(k, (r, in_features), cfg.init, cfg.dtype))
             b = self.param("lora_b", lambda k: init_lora_b((self.features, r), cfg.dtype))
             h = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)  # the adapter's input only
+            a, b = parallel.gather((a, b))  # adapters split over fsdp (config.sharding.params) too
             h = _matmul_t(h, a.astype(self.dtype))  # [..., r]
             h = _matmul_t(h, b.astype(self.dtype))  # [..., out]
             y = y + (h.astype(jnp.float32) * cfg.scale).astype(self.dtype)

@@ -26,6 +26,7 @@ import orbax.checkpoint as ocp
 from tensorboardX import SummaryWriter
 from tqdm.auto import tqdm
 
+from qlora_jax import parallel
 from qlora_jax.checkpoints import load_pretrained
 from qlora_jax.data import Batches, ByteTokenizer, HFTokenizer, exact_match, load_jsonl, make_examples, tokenize
 from qlora_jax.nn import LlamaConfig, LlamaForCausalLM, LoRAConfig, QuantConfig, generate, split_params
@@ -113,14 +114,14 @@ def build_optimizer(config):
     inner = optax.chain(
         optax.clip_by_global_norm(t.max_grad_norm), base(schedule, b2=t.adam_b2, weight_decay=t.weight_decay)
     )
-    return (paged(inner) if t.optimizer.startswith("paged") else inner), schedule
+    return (paged(inner, min_size=t.paged_min_size) if t.optimizer.startswith("paged") else inner), schedule
 
 
-def _evaluate(eval_step, params, frozen, eval_batches, num_batches):
+def _evaluate(eval_step, params, frozen, eval_batches, sharding, config):
     eval_batches.restore({"epoch": 0, "index": 0})
     total, count = 0.0, 0
-    for _ in range(num_batches):
-        loss, n = eval_step(params, frozen, {k: jnp.asarray(v) for k, v in next(eval_batches).items()})
+    for _ in range(config.eval_batches):
+        loss, n = eval_step(params, frozen, parallel.global_batch(next(eval_batches), sharding))
         total, count = total + float(loss), count + int(n)
     mean = total / max(count, 1)
     return {"eval_loss": mean, "eval_perplexity": math.exp(min(mean, 50.0))}
@@ -149,16 +150,62 @@ def _stop_diverged(ckpt, workdir, what: str):
     )
 
 
-def train_and_evaluate(config, workdir) -> dict:
-    """Run (or resume) the fine-tune described by ``config`` in ``workdir``; returns the last metrics."""
-    workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    t = config.train
+def setup(config, mesh):
+    """Model, tokenizer, frozen base and train state, placed on ``mesh`` as ``config.sharding`` says.
+
+    Returns ``(model, tokenizer, model_config, frozen, state, tx, schedule)``.
+    """
+    parallel.check_batch_size(mesh, config.train.batch_size)
     model, variables, tok, model_cfg = build_model(config)
     params, frozen = split_params(variables)
-    batches, eval_batches, eval_examples = build_data(config, tok)
+    frozen = parallel.place(frozen, parallel.frozen_shardings(frozen, mesh))
+    params = parallel.place(
+        params, parallel.tree_shardings(params, mesh, config.sharding.params, "config.sharding.params")
+    )
     tx, schedule = build_optimizer(config)
-    state = TrainState(jnp.int32(0), params, tx.init(params))
+    opt_state = tx.init(params)
+    opt_shardings = parallel.tree_shardings(opt_state, mesh, config.sharding.opt_state, "config.sharding.opt_state")
+    step = jnp.int32(0)
+    state = TrainState(
+        parallel.place(step, parallel.array_sharding(step, mesh, "replicated")),
+        params,
+        parallel.place(opt_state, opt_shardings),
+    )
+    return model, tok, model_cfg, frozen, state, tx, schedule
+
+
+def jit_train_step(model, tx, schedule, state_shardings, seed: int):
+    """The jitted step ``(state, frozen, batch) -> (state, metrics)``; the state keeps its shardings
+    (and memory kinds) and is donated. The dropout key is a function of ``seed`` and the step, so
+    a resumed run draws the same masks."""
+    base_key = jax.random.key(seed + 1)
+    step_fn = make_train_step(model, tx, schedule)
+    return jax.jit(
+        lambda state, frozen, batch: step_fn(state, frozen, batch, jax.random.fold_in(base_key, state.step)),
+        donate_argnums=(0,),
+        out_shardings=(state_shardings, None),
+    )
+
+
+def _is_chief() -> bool:
+    return jax.process_index() == 0
+
+
+def train_and_evaluate(config, workdir) -> dict:
+    """Run (or resume) the fine-tune described by ``config`` in ``workdir``; returns the last metrics.
+
+    With several processes (``jax.distributed``) every process runs this with the same config and
+    a shared ``workdir``; only process 0 writes logs, samples and exports.
+    """
+    workdir = pathlib.Path(workdir)
+    chief = _is_chief()
+    if chief:
+        workdir.mkdir(parents=True, exist_ok=True)
+    t = config.train
+    mesh = parallel.make_mesh(config.mesh.to_dict())
+    model, tok, model_cfg, frozen, state, tx, schedule = setup(config, mesh)
+    batches, eval_batches, eval_examples = build_data(config, tok)
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
 
     ckpt = ocp.CheckpointManager(
         (workdir / "checkpoints").absolute(),
@@ -176,79 +223,102 @@ def train_and_evaluate(config, workdir) -> dict:
         batches.restore(meta["data"])
         start = int(state.step)
         logging.info("resumed from step %d", start)
-    # keep only what the restored state had logged; a killed run may have logged further
-    kept = []
-    if metrics_file.exists():
-        kept = [line for line in metrics_file.read_text().splitlines() if json.loads(line)["step"] <= start]
-    metrics_file.write_text("".join(line + "\n" for line in kept))
+    tensorboard = None
+    if chief:
+        # keep only what the restored state had logged; a killed run may have logged further
+        kept = []
+        if metrics_file.exists():
+            kept = [line for line in metrics_file.read_text().splitlines() if json.loads(line)["step"] <= start]
+        metrics_file.write_text("".join(line + "\n" for line in kept))
+        tensorboard = SummaryWriter(str(workdir / "tensorboard"), purge_step=start + 1)
 
-    tensorboard = SummaryWriter(str(workdir / "tensorboard"), purge_step=start + 1)
-    train_step = jax.jit(make_train_step(model, tx, schedule), donate_argnums=(0,))
+    train_step = jit_train_step(model, tx, schedule, state_shardings, config.seed)
     eval_step = jax.jit(make_eval_step(model))
-    base_key = jax.random.key(config.seed + 1)
+    train_batch_sharding = parallel.batch_sharding(mesh, 3, batch_axis=1)  # [accum, B, T]
+    eval_batch_sharding = parallel.batch_sharding(mesh, 2)
     last = {}
-    bar = tqdm(range(start, t.steps), initial=start, total=t.steps, desc="train", disable=not config.progress)
+    bar = tqdm(
+        range(start, t.steps), initial=start, total=t.steps, desc="train", disable=not (config.progress and chief)
+    )
     window_tokens, window_start = 0, time.perf_counter()
-    for step in bar:
-        micro = [next(batches) for _ in range(t.accum_steps)]
-        batch = {k: jnp.asarray(np.stack([m[k] for m in micro])) for k in micro[0]}
-        state, metrics = train_step(state, frozen, batch, jax.random.fold_in(base_key, step))
-        done = step + 1
-        if done % config.log_every == 0 or done == t.steps:
-            m = {k: float(v) for k, v in metrics.items()}
-            if not math.isfinite(m["loss"]):
-                _stop_diverged(ckpt, workdir, f"non-finite loss {m['loss']} at step {done}")
-            window_tokens += int(m["tokens"])
-            elapsed = time.perf_counter() - window_start
-            m["tokens_per_sec"] = window_tokens / max(elapsed, 1e-9)
-            stats = jax.devices()[0].memory_stats() or {}
-            if "bytes_in_use" in stats:
-                m["device_bytes_in_use"] = stats["bytes_in_use"]
-            if done % config.eval_every == 0 or done == t.steps:
-                m.update(_evaluate(eval_step, state.params, frozen, eval_batches, config.eval_batches))
-                if config.data.kind == "synthetic" and config.num_generate:
-                    sample = eval_examples[: config.num_generate]
-                    answers = _generate_answers(
-                        model, {"params": state.params, **frozen}, tok, sample, config.data.target_max_len
-                    )
-                    m["exact_match"] = exact_match(answers, sample)
-            last = {"step": done, **m}
-            with metrics_file.open("a") as f:
-                f.write(json.dumps({k: v for k, v in last.items() if k != "tokens_per_sec"}) + "\n")
-            for k, v in m.items():
-                tensorboard.add_scalar(k, v, done)
-            bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{m['tokens_per_sec']:.0f}")
-            window_tokens, window_start = 0, time.perf_counter()
-        if done % config.checkpoint_every == 0 or done == t.steps:
-            if not math.isfinite(float(metrics["loss"])):  # never checkpoint a diverged state
-                _stop_diverged(ckpt, workdir, f"non-finite loss at step {done}")
-            ckpt.save(
-                done,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({"data": batches.state()})
-                ),
-            )
+    with jax.set_mesh(mesh):
+        for step in bar:
+            micro = [next(batches) for _ in range(t.accum_steps)]
+            batch = parallel.global_batch({k: np.stack([m[k] for m in micro]) for k in micro[0]}, train_batch_sharding)
+            state, metrics = train_step(state, frozen, batch)
+            done = step + 1
+            if done % config.log_every == 0 or done == t.steps:
+                m = {k: float(v) for k, v in metrics.items()}
+                if not math.isfinite(m["loss"]):
+                    _stop_diverged(ckpt, workdir, f"non-finite loss {m['loss']} at step {done}")
+                window_tokens += int(m["tokens"])
+                elapsed = time.perf_counter() - window_start
+                m["tokens_per_sec"] = window_tokens / max(elapsed, 1e-9)
+                stats = jax.local_devices()[0].memory_stats() or {}
+                if "bytes_in_use" in stats:
+                    m["device_bytes_in_use"] = stats["bytes_in_use"]
+                if done % config.eval_every == 0 or done == t.steps:
+                    m.update(_evaluate(eval_step, state.params, frozen, eval_batches, eval_batch_sharding, config))
+                    if config.data.kind == "synthetic" and config.num_generate:
+                        sample = eval_examples[: config.num_generate]
+                        with jax.set_mesh(None):
+                            answers = _generate_answers(
+                                model, _for_generation(state.params, frozen), tok, sample, config.data.target_max_len
+                            )
+                        m["exact_match"] = exact_match(answers, sample)
+                last = {"step": done, **m}
+                if chief:
+                    with metrics_file.open("a") as f:
+                        f.write(json.dumps({k: v for k, v in last.items() if k != "tokens_per_sec"}) + "\n")
+                    for k, v in m.items():
+                        tensorboard.add_scalar(k, v, done)
+                bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{m['tokens_per_sec']:.0f}")
+                window_tokens, window_start = 0, time.perf_counter()
+            if done % config.checkpoint_every == 0 or done == t.steps:
+                if not math.isfinite(float(metrics["loss"])):  # never checkpoint a diverged state
+                    _stop_diverged(ckpt, workdir, f"non-finite loss at step {done}")
+                ckpt.save(
+                    done,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({"data": batches.state()})
+                    ),
+                )
     ckpt.wait_until_finished()
     ckpt.close()
-    tensorboard.close()
+    if tensorboard is not None:
+        tensorboard.close()
 
-    final = {"params": state.params, **frozen}
+    lora = _lora_config(config)
+    params_host = parallel.to_host(state.params)  # collective: every process takes part
+    needs_base = not config.model_path or config.export.merged or config.export.quantized
+    base = parallel.to_host(frozen["frozen"]) if needs_base else None
     if config.data.kind == "synthetic" and config.num_generate:
         sample = eval_examples[: config.num_generate]
-        answers = _generate_answers(model, final, tok, sample, config.data.target_max_len)
+        answers = _generate_answers(
+            model, _for_generation(state.params, frozen), tok, sample, config.data.target_max_len
+        )
         last["exact_match"] = exact_match(answers, sample)
-        with (workdir / "samples.jsonl").open("w") as f:
-            for e, a in zip(sample, answers, strict=True):
-                f.write(json.dumps({"source": e.source, "target": e.target, "generated": a}) + "\n")
-    out = workdir / "export"
-    lora = _lora_config(config)
-    export.export_peft_adapter(out / "adapter", state.params, lora, config.model_path or str(out / "base"))
-    base = frozen["frozen"]
-    if not config.model_path:
-        export.export_hf(out / "base", model_cfg, base)
-    if config.export.merged:
-        export.export_hf(out / "merged", model_cfg, base, dtype=jnp.bfloat16, params=state.params, lora=lora)
-    if config.export.quantized and _quant_config(config) is not None:
-        export.export_quantized(out / "quantized", model_cfg, base, _quant_config(config))
-    (workdir / "final_metrics.json").write_text(json.dumps(last, indent=2) + "\n")
+        if chief:
+            with (workdir / "samples.jsonl").open("w") as f:
+                for e, a in zip(sample, answers, strict=True):
+                    f.write(json.dumps({"source": e.source, "target": e.target, "generated": a}) + "\n")
+    if chief:
+        out = workdir / "export"
+        export.export_peft_adapter(out / "adapter", params_host, lora, config.model_path or str(out / "base"))
+        if not config.model_path:
+            export.export_hf(out / "base", model_cfg, base)
+        if config.export.merged:
+            export.export_hf(out / "merged", model_cfg, base, dtype=jnp.bfloat16, params=params_host, lora=lora)
+        if config.export.quantized and _quant_config(config) is not None:
+            export.export_quantized(out / "quantized", model_cfg, base, _quant_config(config))
+        (workdir / "final_metrics.json").write_text(json.dumps(last, indent=2) + "\n")
     return last
+
+
+def _for_generation(params, frozen) -> dict:
+    """The variables for :func:`generate`: as they are on one host; gathered to every process's
+    own devices when the arrays span hosts (generation then runs on each process's first device)."""
+    variables = {"params": params, **frozen}
+    if jax.process_count() == 1:
+        return variables
+    return jax.device_put(parallel.to_host(variables), jax.local_devices()[0])
