@@ -67,6 +67,7 @@ def get_config():
     c.train.adam_b2 = 0.999
     c.train.optimizer = "paged_adamw"  # paged_adamw | adamw | paged_adamw_8bit | adamw_8bit
     c.train.paged_min_size = 100_000  # paged optimizers: state leaves with >= this many elements go to host
+    c.train.trainable = "lora"  # lora: adapters only | full: every weight of an unquantized base (pre-training)
     c.train.dtype = "bfloat16"  # compute dtype
     c.train.remat = False  # gradient checkpointing per decoder block
 

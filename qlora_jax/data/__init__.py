@@ -3,7 +3,7 @@
 from qlora_jax.data.batching import Batches, Tokenized, collate, tokenize
 from qlora_jax.data.jsonl import Example, JsonlDataset, load_jsonl
 from qlora_jax.data.synthetic import exact_match, make_examples
-from qlora_jax.data.tokenizer import ByteTokenizer, HFTokenizer
+from qlora_jax.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 
 __all__ = [
     "Batches",
@@ -15,6 +15,7 @@ __all__ = [
     "collate",
     "exact_match",
     "load_jsonl",
+    "load_tokenizer",
     "make_examples",
     "tokenize",
 ]

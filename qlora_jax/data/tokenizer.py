@@ -28,6 +28,36 @@ class ByteTokenizer:
     def decode(self, ids) -> str:
         return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
 
+    def save(self, path) -> None:
+        """Write ``byte_tokenizer.json`` into the checkpoint directory ``path``, so that
+        :func:`load_tokenizer` (and ``config.model_path``) find this tokenizer there."""
+        root = pathlib.Path(path)
+        root.mkdir(parents=True, exist_ok=True)
+        spec = {"type": "qlora_jax.ByteTokenizer", "vocab_size": self.vocab_size, "bos_id": self.bos_id,
+                "eos_id": self.eos_id, "pad_id": self.pad_id}  # fmt: skip
+        (root / BYTE_TOKENIZER_FILE).write_text(json.dumps(spec, indent=2) + "\n")
+
+
+BYTE_TOKENIZER_FILE = "byte_tokenizer.json"
+
+
+def load_tokenizer(path) -> ByteTokenizer | HFTokenizer:
+    """The tokenizer of the checkpoint directory ``path``: ``tokenizer.json`` (Hugging Face), or
+    ``byte_tokenizer.json`` (written by :meth:`ByteTokenizer.save` for checkpoints this project
+    trained from scratch)."""
+    root = pathlib.Path(path)
+    if (root / "tokenizer.json").exists():
+        return HFTokenizer(root)
+    if (root / BYTE_TOKENIZER_FILE).exists():
+        spec = json.loads((root / BYTE_TOKENIZER_FILE).read_text())
+        tok = ByteTokenizer()
+        want = {"vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id}
+        got = {k: spec.get(k) for k in want}
+        if spec.get("type") != "qlora_jax.ByteTokenizer" or got != want:
+            raise ValueError(f"{root / BYTE_TOKENIZER_FILE}: not a qlora_jax ByteTokenizer spec: {spec}")
+        return tok
+    raise ValueError(f"{root}: no tokenizer.json (Hugging Face) or {BYTE_TOKENIZER_FILE} (qlora_jax) in the directory")
+
 
 class HFTokenizer:
     """A checkpoint's ``tokenizer.json``; BOS/EOS/PAD from its config files.

@@ -9,22 +9,26 @@ sd = quant.to_bnb_state_dict(qt, prefix="model.layers.0.mlp.up_proj.weight")
 from qlora_jax.quant import blockwise, codebooks
 from qlora_jax.quant.tensor import (
     QuantizedTensor,
+    bits_per_param,
     block_absmax,
     check_finite,
     dequantize,
     from_bnb_state_dict,
+    quantization_error,
     quantize,
     to_bnb_state_dict,
 )
 
 __all__ = [
     "QuantizedTensor",
+    "bits_per_param",
     "block_absmax",
     "blockwise",
     "check_finite",
     "codebooks",
     "dequantize",
     "from_bnb_state_dict",
+    "quantization_error",
     "quantize",
     "to_bnb_state_dict",
 ]

@@ -25,10 +25,16 @@ class TrainState(NamedTuple):
     opt_state: Any
 
 
-def token_loss(model, params, frozen, batch, rng, deterministic: bool) -> tuple[Array, Array]:
-    """(sum of next-token cross-entropy over loss-masked targets, number of those targets)."""
+def token_loss(
+    model, params, frozen, batch, rng, deterministic: bool, collection: str = "params"
+) -> tuple[Array, Array]:
+    """(sum of next-token cross-entropy over loss-masked targets, number of those targets).
+
+    ``params`` is the trainable variable collection named ``collection``: ``"params"`` (the LoRA
+    adapters) or, for full-parameter training of an unquantized model, ``"frozen"`` (the base).
+    """
     logits = model.apply(
-        {"params": params, **frozen},
+        {collection: params, **frozen},
         batch["input_ids"],
         batch["attention_mask"],
         deterministic=deterministic,
@@ -41,16 +47,17 @@ def token_loss(model, params, frozen, batch, rng, deterministic: bool) -> tuple[
     return jnp.sum(jnp.where(mask, nll, 0.0)), jnp.sum(mask)
 
 
-def make_train_step(model, tx: optax.GradientTransformation, schedule=None):
+def make_train_step(model, tx: optax.GradientTransformation, schedule=None, collection: str = "params"):
     """A ``train_step(state, frozen, batch, rng) -> (state, metrics)`` to jit with
-    ``donate_argnums=0`` (the state, never the frozen base)."""
+    ``donate_argnums=0`` (the state, never the frozen base). ``collection``: see :func:`token_loss`."""
 
     def train_step(state: TrainState, frozen, batch, rng):
         def micro(carry, mb):
             grads_sum, loss_sum, count = carry
             key = jax.random.fold_in(rng, count.astype(jnp.int32))
             (loss, n), grads = jax.value_and_grad(
-                lambda p: token_loss(model, p, frozen, mb, key, deterministic=False), has_aux=True
+                lambda p: token_loss(model, p, frozen, mb, key, deterministic=False, collection=collection),
+                has_aux=True,
             )(state.params)
             return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + loss, count + n), None
 
@@ -72,10 +79,10 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule=None):
     return train_step
 
 
-def make_eval_step(model):
+def make_eval_step(model, collection: str = "params"):
     """``eval_step(params, frozen, batch) -> (loss sum, target tokens)`` for one batch ``[B, T]``."""
 
     def eval_step(params, frozen, batch):
-        return token_loss(model, params, frozen, batch, None, deterministic=True)
+        return token_loss(model, params, frozen, batch, None, deterministic=True, collection=collection)
 
     return eval_step

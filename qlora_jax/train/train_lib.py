@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from qlora_jax import parallel
 from qlora_jax.checkpoints import load_pretrained
-from qlora_jax.data import Batches, ByteTokenizer, HFTokenizer, exact_match, load_jsonl, make_examples, tokenize
+from qlora_jax.data import Batches, ByteTokenizer, exact_match, load_jsonl, load_tokenizer, make_examples, tokenize
 from qlora_jax.nn import LlamaConfig, LlamaForCausalLM, LoRAConfig, QuantConfig, generate, split_params
 from qlora_jax.optim import adamw_8bit, paged
 from qlora_jax.train import export
@@ -60,7 +60,7 @@ def build_model(config):
         model, variables = load_pretrained(
             config.model_path, quant=quant, lora=lora, dtype=dtype, seed=config.seed, remat=config.train.remat
         )
-        return model, variables, HFTokenizer(config.model_path), model.config
+        return model, variables, load_tokenizer(config.model_path), model.config
     tok = ByteTokenizer()
     m = config.model
     cfg = LlamaConfig(
@@ -158,6 +158,8 @@ def setup(config, mesh):
     parallel.check_batch_size(mesh, config.train.batch_size)
     model, variables, tok, model_cfg = build_model(config)
     params, frozen = split_params(variables)
+    if _full(config):
+        params, frozen = frozen.pop("frozen"), frozen  # every base weight is trainable
     frozen = parallel.place(frozen, parallel.frozen_shardings(frozen, mesh))
     params = parallel.place(
         params, parallel.tree_shardings(params, mesh, config.sharding.params, "config.sharding.params")
@@ -174,17 +176,38 @@ def setup(config, mesh):
     return model, tok, model_cfg, frozen, state, tx, schedule
 
 
-def jit_train_step(model, tx, schedule, state_shardings, seed: int):
+def jit_train_step(model, tx, schedule, state_shardings, seed: int, collection: str = "params"):
     """The jitted step ``(state, frozen, batch) -> (state, metrics)``; the state keeps its shardings
     (and memory kinds) and is donated. The dropout key is a function of ``seed`` and the step, so
     a resumed run draws the same masks."""
     base_key = jax.random.key(seed + 1)
-    step_fn = make_train_step(model, tx, schedule)
+    step_fn = make_train_step(model, tx, schedule, collection)
     return jax.jit(
         lambda state, frozen, batch: step_fn(state, frozen, batch, jax.random.fold_in(base_key, state.step)),
         donate_argnums=(0,),
         out_shardings=(state_shardings, None),
     )
+
+
+def _full(config) -> bool:
+    if config.train.trainable not in ("lora", "full"):
+        raise ValueError(f"config.train.trainable must be 'lora' or 'full'; got {config.train.trainable!r}")
+    if config.train.trainable == "full" and (config.quant.enabled or config.lora.rank):
+        raise ValueError(
+            "config.train.trainable='full' trains the unquantized base itself: set config.quant.enabled=False and "
+            f"config.lora.rank=0 (got quant.enabled={config.quant.enabled}, lora.rank={config.lora.rank})"
+        )
+    return config.train.trainable == "full"
+
+
+def _collection(config) -> str:
+    return "frozen" if _full(config) else "params"
+
+
+def _save_tokenizer(tok, path) -> None:
+    """A checkpoint we write carries our byte tokenizer, so it works as ``config.model_path``."""
+    if isinstance(tok, ByteTokenizer):
+        tok.save(path)
 
 
 def _is_chief() -> bool:
@@ -232,8 +255,9 @@ def train_and_evaluate(config, workdir) -> dict:
         metrics_file.write_text("".join(line + "\n" for line in kept))
         tensorboard = SummaryWriter(str(workdir / "tensorboard"), purge_step=start + 1)
 
-    train_step = jit_train_step(model, tx, schedule, state_shardings, config.seed)
-    eval_step = jax.jit(make_eval_step(model))
+    collection = _collection(config)
+    train_step = jit_train_step(model, tx, schedule, state_shardings, config.seed, collection)
+    eval_step = jax.jit(make_eval_step(model, collection))
     train_batch_sharding = parallel.batch_sharding(mesh, 3, batch_axis=1)  # [accum, B, T]
     eval_batch_sharding = parallel.batch_sharding(mesh, 2)
     last = {}
@@ -263,7 +287,11 @@ def train_and_evaluate(config, workdir) -> dict:
                         sample = eval_examples[: config.num_generate]
                         with jax.set_mesh(None):
                             answers = _generate_answers(
-                                model, _for_generation(state.params, frozen), tok, sample, config.data.target_max_len
+                                model,
+                                _for_generation(state.params, frozen, collection),
+                                tok,
+                                sample,
+                                config.data.target_max_len,
                             )
                         m["exact_match"] = exact_match(answers, sample)
                 last = {"step": done, **m}
@@ -290,12 +318,12 @@ def train_and_evaluate(config, workdir) -> dict:
 
     lora = _lora_config(config)
     params_host = parallel.to_host(state.params)  # collective: every process takes part
-    needs_base = not config.model_path or config.export.merged or config.export.quantized
+    needs_base = not _full(config) and (not config.model_path or config.export.merged or config.export.quantized)
     base = parallel.to_host(frozen["frozen"]) if needs_base else None
     if config.data.kind == "synthetic" and config.num_generate:
         sample = eval_examples[: config.num_generate]
         answers = _generate_answers(
-            model, _for_generation(state.params, frozen), tok, sample, config.data.target_max_len
+            model, _for_generation(state.params, frozen, collection), tok, sample, config.data.target_max_len
         )
         last["exact_match"] = exact_match(answers, sample)
         if chief:
@@ -304,21 +332,28 @@ def train_and_evaluate(config, workdir) -> dict:
                     f.write(json.dumps({"source": e.source, "target": e.target, "generated": a}) + "\n")
     if chief:
         out = workdir / "export"
-        export.export_peft_adapter(out / "adapter", params_host, lora, config.model_path or str(out / "base"))
-        if not config.model_path:
-            export.export_hf(out / "base", model_cfg, base)
-        if config.export.merged:
+        if _full(config):  # the trained model itself: usable as another run's config.model_path
+            export.export_hf(out / "model", model_cfg, params_host)
+            _save_tokenizer(tok, out / "model")
+        else:
+            export.export_peft_adapter(out / "adapter", params_host, lora, config.model_path or str(out / "base"))
+            if not config.model_path:
+                export.export_hf(out / "base", model_cfg, base)
+                _save_tokenizer(tok, out / "base")
+        if config.export.merged and not _full(config):
             export.export_hf(out / "merged", model_cfg, base, dtype=jnp.bfloat16, params=params_host, lora=lora)
+            _save_tokenizer(tok, out / "merged")
         if config.export.quantized and _quant_config(config) is not None:
             export.export_quantized(out / "quantized", model_cfg, base, _quant_config(config))
+            _save_tokenizer(tok, out / "quantized")
         (workdir / "final_metrics.json").write_text(json.dumps(last, indent=2) + "\n")
     return last
 
 
-def _for_generation(params, frozen) -> dict:
+def _for_generation(params, frozen, collection: str) -> dict:
     """The variables for :func:`generate`: as they are on one host; gathered to every process's
     own devices when the arrays span hosts (generation then runs on each process's first device)."""
-    variables = {"params": params, **frozen}
+    variables = {collection: params, **frozen}
     if jax.process_count() == 1:
         return variables
     return jax.device_put(parallel.to_host(variables), jax.local_devices()[0])

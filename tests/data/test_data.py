@@ -12,6 +12,7 @@ from qlora_jax.data import (
     HFTokenizer,
     exact_match,
     load_jsonl,
+    load_tokenizer,
     make_examples,
     tokenize,
 )
@@ -70,6 +71,18 @@ def test_byte_tokenizer_round_trip():
     text = "Grüße, 42!"
     assert tok.decode(tok.encode(text)) == text
     assert max(tok.encode(text)) < 256 and tok.vocab_size == 259
+
+
+def test_load_tokenizer_finds_the_saved_byte_tokenizer_and_names_what_is_missing(tmp_path):
+    ByteTokenizer().save(tmp_path / "ckpt")
+    tok = load_tokenizer(tmp_path / "ckpt")
+    assert isinstance(tok, ByteTokenizer) and (tok.bos_id, tok.eos_id, tok.pad_id) == (256, 257, 258)
+    with pytest.raises(ValueError, match=r"no tokenizer.json \(Hugging Face\) or byte_tokenizer.json"):
+        load_tokenizer(tmp_path)
+    spec = json.loads((tmp_path / "ckpt" / "byte_tokenizer.json").read_text())
+    (tmp_path / "ckpt" / "byte_tokenizer.json").write_text(json.dumps({**spec, "eos_id": 2}))
+    with pytest.raises(ValueError, match="not a qlora_jax ByteTokenizer spec"):
+        load_tokenizer(tmp_path / "ckpt")
 
 
 def test_hf_tokenizer_reads_special_ids(tmp_path):

@@ -11,6 +11,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from qlora_jax import quant
+from qlora_jax.quant import bits_per_param, codebooks, quantization_error, quantize
 
 f32 = np.float32
 
@@ -259,3 +260,28 @@ def test_nonfinite_without_check_poisons_blocks_as_documented():
     assert np.all(np.isnan(y[1, 64:])) and np.isfinite(np.delete(y.reshape(-1), np.s_[192:256])).all()
     y = np.asarray(quant.dequantize(quant.quantize(x, "nf4", 64, True), jnp.float32))
     assert np.all(np.isnan(y))  # double quant: the shared offset carries NaN to every block
+
+
+@pytest.mark.parametrize("block_size, dq", [(64, True), (64, False), (128, True), (4096, False)])
+def test_bits_per_param_formula_matches_stored_bytes(block_size, dq):
+    n = 1 << 20  # a whole number of blocks and nested blocks: only the offset is left over
+    qt = quantize(jnp.ones((n,), jnp.float32), "nf4", block_size, dq, 256)
+    offset_bits = 32 / n if dq else 0.0
+    assert qt.bits_per_param == pytest.approx(bits_per_param(block_size, dq, 256) + offset_bits, rel=1e-12)
+    assert bits_per_param(64, True, 256) == 4 + 1 / 8 + 1 / 512  # the paper's 4.127
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4"])
+def test_quantization_error_equals_nearest_code_in_float64(quant_type):
+    x = np.random.default_rng(3).standard_normal((64, 256)).astype(np.float32)
+    got = quantization_error(x, quant_type, 64, double_quant=False)
+    blocks = x.reshape(-1, 64).astype(np.float64)
+    absmax = np.abs(blocks).max(axis=1, keepdims=True)
+    table = np.asarray(codebooks.table(quant_type), np.float64)
+    scaled = blocks / absmax
+    nearest = table[np.argmin(np.abs(scaled[..., None] - table), axis=-1)] * absmax
+    err = nearest - blocks
+    assert got["rel_mse"] == pytest.approx(np.sum(err**2) / np.sum(blocks**2), rel=1e-5)
+    assert got["max_abs_err"] == pytest.approx(np.abs(err).max(), rel=1e-5)
+    with pytest.raises(ValueError, match="all zeros"):
+        quantization_error(np.zeros((64,), np.float32))

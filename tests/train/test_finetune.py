@@ -177,3 +177,34 @@ def test_merged_and_quantized_exports_load_back(tmp_path):
     a = v["frozen"]["layers_0"]["mlp"]["up_proj"]["kernel"]
     b = q["frozen"]["layers_0"]["mlp"]["up_proj"]["kernel"]
     np.testing.assert_array_equal(np.asarray(a.packed), np.asarray(b.packed))
+
+
+def test_full_parameter_pre_step_exports_a_base_the_next_run_loads(tmp_path):
+    """configs/tiny_pretrain.py trains every base weight; export/model (weights + byte tokenizer)
+    is then a model_path: a no-op adapter (B = 0, lr 0) on it scores the same eval loss."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    common = [a for a in SMALL if not a.startswith(("--config.train.learning_rate", "--config.num_generate"))]
+    common += ["--config.num_generate=0", "--config.train.dtype=float32"]
+    cmd = [sys.executable, "-m", "experiments.finetune", "--config=experiments/configs/tiny_pretrain.py"]
+    subprocess.run(
+        [*cmd, f"--workdir={tmp_path / 'pre'}", *common, "--config.train.steps=20", "--config.eval_every=20"],
+        cwd=ROOT, env=env, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    rows = _metrics(tmp_path / "pre")
+    assert np.mean([r["loss"] for r in rows[-5:]]) < np.mean([r["loss"] for r in rows[:5]]) - 0.5
+    model = tmp_path / "pre" / "export" / "model"
+    assert sorted(p.name for p in model.iterdir()) == ["byte_tokenizer.json", "config.json", "model.safetensors"]
+    again = [
+        sys.executable, "-m", "experiments.finetune", "--config=experiments/configs/tiny.py",
+        f"--workdir={tmp_path / 'ft'}", *common, f"--config.model_path={model}", "--config.quant.enabled=False",
+        "--config.lora.rank=4", "--config.train.learning_rate=0", "--config.train.steps=1",
+        "--config.data.families=('reverse', 'upper')",
+    ]  # fmt: skip
+    subprocess.run(again, cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    assert _metrics(tmp_path / "ft")[-1]["eval_loss"] == pytest.approx(rows[-1]["eval_loss"], rel=1e-6)
+
+
+def test_full_parameter_training_refuses_a_quantized_base(tmp_path):
+    result = _run(tmp_path, "--config.train.trainable=full", check=False)
+    assert result.returncode != 0
+    assert "config.train.trainable='full' trains the unquantized base itself" in result.stderr

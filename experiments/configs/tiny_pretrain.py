@@ -1,0 +1,32 @@
+r"""Full-parameter pre-training of the tiny LLaMA: a base worth quantizing, for the ablations.
+
+    python -m experiments.finetune --config=experiments/configs/tiny_pretrain.py --workdir=runs/pretrain
+
+The tiny model of ``tiny.py`` (random init, byte-level tokenizer), unquantized, every weight trained
+in float32 (no adapters) with AdamW on two synthetic task families, ``reverse`` and ``upper``. The
+trained model is written to ``<workdir>/export/model`` as a Hugging Face checkpoint with its
+tokenizer, so a QLoRA fine-tune on the other families starts from it:
+
+    python -m experiments.finetune --config=experiments/configs/tiny.py --workdir=runs/ft \
+        --config.model_path=runs/pretrain/export/model --config.data.families=add,sort
+
+Hardware: any CPU. Wall time and metrics: measured in notebooks/02_qlora_vs_lora.ipynb.
+"""
+
+from experiments.configs import tiny
+
+
+def get_config():
+    c = tiny.get_config()
+    c.quant.enabled = False
+    c.lora.rank = 0
+    c.train.trainable = "full"
+    c.train.dtype = "float32"
+    c.train.optimizer = "adamw"
+    c.train.learning_rate = 3e-3
+    c.train.max_grad_norm = 1.0
+    c.train.steps = 400
+    c.data.families = ("reverse", "upper")
+    c.eval_every = 100
+    c.checkpoint_every = 100
+    return c
