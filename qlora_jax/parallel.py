@@ -111,22 +111,28 @@ def array_sharding(x, mesh: Mesh, mode: str, what: str = "sharding mode") -> Nam
     return NamedSharding(mesh, spec, memory_kind=kind)
 
 
+def quantized_splits(shape: tuple[int, ...], block_size: int, nested_block_size: int | None, fsdp: int) -> bool:
+    """Whether an ``[out, in]`` QuantizedTensor splits over ``fsdp`` devices into whole rows,
+    whole quantization blocks and (with double quantization, ``nested_block_size`` not None)
+    whole nested blocks: the rule of :func:`quantized_sharding` and of ``qlora_jax.memory``."""
+    if fsdp == 1 or len(shape) != 2 or shape[0] % fsdp:
+        return False
+    shard = shape[0] // fsdp * shape[1]
+    if shard % block_size:
+        return False
+    return nested_block_size is None or (shard // block_size) % nested_block_size == 0
+
+
 def quantized_sharding(qt: QuantizedTensor, mesh: Mesh) -> QuantizedTensor:
     """A QuantizedTensor of NamedShardings: its ``out`` rows split block-aligned over ``fsdp``.
 
-    A tensor is split only when every device gets whole rows, whole quantization blocks and (with
-    double quantization) whole nested blocks, so each device's pieces form a QuantizedTensor of
+    A tensor is split only when :func:`quantized_splits`: every device then gets whole rows, whole
+    quantization blocks and whole nested blocks, so each device's pieces form a QuantizedTensor of
     ``out / fsdp`` rows on their own; the offset is replicated. Otherwise it is replicated.
     """
-    f = mesh.shape["fsdp"]
     rep = NamedSharding(mesh, P())
-    split = NamedSharding(mesh, P("fsdp"))
-    rows = qt.shape[0] // f if len(qt.shape) == 2 and qt.shape[0] % f == 0 else 0
-    shard_blocks = rows * qt.shape[-1] // qt.block_size if rows and (rows * qt.shape[-1]) % qt.block_size == 0 else 0
-    whole = f > 1 and shard_blocks > 0
-    if whole and qt.double_quant:
-        whole = shard_blocks % qt.nested_block_size == 0
-    s = split if whole else rep
+    whole = quantized_splits(qt.shape, qt.block_size, qt.nested_block_size, mesh.shape["fsdp"])
+    s = NamedSharding(mesh, P("fsdp")) if whole else rep
     return qt.replace(
         packed=s,
         absmax=s,

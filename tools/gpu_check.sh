@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one prepared script for a lent GPU machine (jax 0.11.2 + CUDA preinstalled, no network):
-#   1. the kernel tests compiled for the GPU (QLORA_JAX_INTERPRET=0), not interpreted;
+#   1. the kernel and optimizer tests compiled for the GPU (QLORA_JAX_INTERPRET=0), not interpreted,
+#      and the memory planner against the compiled step on the GPU;
 #   2. experiments/bench_kernels.py;
 #   3. experiments/bench_optim.py (paged / 8-bit AdamW step time, host<->device GB/s);
 #   4. experiments/bench_train.py (QLoRA step vs bf16-LoRA step, hidden 4096, 2 layers).
@@ -21,14 +22,14 @@ PY=${PY:-python3}
 } | tee "$OUT/env.txt"
 
 # -p no:cacheprovider: the tree may be read-only; -o addopts=: no xdist there (one GPU anyway).
-timeout 120 $PY -m pytest tests/kernels tests/optim -q -p no:cacheprovider -o addopts="--strict-markers --import-mode=importlib" \
+timeout 150 $PY -m pytest tests/kernels tests/optim tests/test_memory.py -q -p no:cacheprovider -o addopts="--strict-markers --import-mode=importlib" \
   >"$OUT/tests.log" 2>&1
 tests_rc=$?
 timeout 110 $PY -m experiments.bench_kernels --json="$OUT/bench.json" >"$OUT/bench.log" 2>&1
 bench_rc=$?
-timeout 40 $PY -m experiments.bench_optim >"$OUT/bench_optim.log" 2>&1
+timeout 120 $PY -m experiments.bench_optim >"$OUT/bench_optim.log" 2>&1
 optim_rc=$?
-timeout 30 $PY -m experiments.bench_train --hidden=4096 --layers=2 --seq=512 >"$OUT/bench_train.log" 2>&1
+timeout 60 $PY -m experiments.bench_train --hidden=4096 --layers=2 --seq=512 >"$OUT/bench_train.log" 2>&1
 train_rc=$?
 
 echo
