@@ -30,6 +30,10 @@ from qlora_jax import quant
 from qlora_jax.quant import codebooks
 
 IMPLS = ("auto", "pallas", "xla")
+# Whether impl="auto" runs the kernel on GPU. False until tools/gpu_check.sh passes the compiled
+# dequantize tests: its first H100 run (2026-11-28) found every tile but the first wrong (fixed
+# since in _dequantize_kernel; interpret mode had hidden it), and no GPU was left to re-run it.
+AUTO_USES_KERNEL = False
 _OUT_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -125,7 +129,9 @@ def _dequantize_kernel(packed_ref, absmax_ref, *refs, quant_type, blocks_per_til
     absmax = load_absmax(
         absmax_ref, tuple(dq_refs), block_ids, nested_block_size=nested_block_size, interpret=interpret
     )  # [tile, 1]
-    packed = packed_ref[pl.ds(start, blocks_per_tile), :]  # [tile, block/2]
+    # the BlockSpec already hands this program its own tile: index it locally. (Indexing it at the
+    # global `start` read past the tile on the GPU; interpret mode clamps the slice and hid it.)
+    packed = packed_ref[...]  # [tile, block/2]
     o_ref[...] = dequantize_tile(packed, absmax, quant_type, o_ref.dtype)
 
 
@@ -220,7 +226,8 @@ def dequantize(
     if name not in _OUT_DTYPES:
         raise ValueError(f"dtype must be one of {tuple(_OUT_DTYPES)}; got {dtype!r}")
     if impl == "auto":
-        impl = "pallas" if jax.default_backend() == "gpu" and kernel_supports(qt) else "xla"
+        on_gpu = jax.default_backend() == "gpu" and AUTO_USES_KERNEL
+        impl = "pallas" if on_gpu and kernel_supports(qt) else "xla"
     if impl == "xla":
         return dequantize_reference(qt, name)
     if not kernel_supports(qt):

@@ -30,25 +30,28 @@ from jax.experimental.pallas import triton as plgpu
 
 from qlora_jax import quant
 from qlora_jax.kernels.dequantize import (
-    dequantize as dequantize_kernel,
-)
-from qlora_jax.kernels.dequantize import (
+    AUTO_USES_KERNEL,
     dequantize_tile,
     double_quant_args,
     drop_alias_input,
     load_absmax,
     resolve_interpret,
 )
+from qlora_jax.kernels.dequantize import (
+    dequantize as dequantize_kernel,
+)
 
 IMPLS = ("auto", "pallas", "pallas_dequant", "xla")
 KERNEL_BLOCK_SIZES = (32, 64, 128, 256)  # quantization block sizes the fused kernels take
 KERNEL_X_DTYPES = ("bfloat16", "float16")
 
-# "auto" on GPU: the fused kernel while the weight's bytes dominate (small M), the dequantize
-# kernel + cuBLAS GEMM once compute does. Provisional: set from Triton practice (a fused 4-bit
-# GEMM loses to dequantize-then-cuBLAS at large M), to be replaced by the crossover that
-# experiments/bench_kernels.py measures on a lent H100 (benchmarks/RESULTS.md).
-FUSED_MAX_M = 64
+# "auto" on GPU, set from the H100 run of tools/gpu_check.sh (2026-11-28, benchmarks/RESULTS.md):
+# the fused kernels were slower than the XLA path in fwd+bwd at every M measured (1 … 4096) and in
+# the forward at 4 of 6 shapes with M <= 16, so "auto" does not pick them (FUSED_MAX_M = 0; they
+# stay available as impl="pallas"). The dequantize kernel + GEMM path is used by "auto" only when
+# dequantize.AUTO_USES_KERNEL is set: that run found a tile-indexing bug in the kernel (fixed
+# since, not yet re-run compiled), so "auto" takes the XLA path until a GPU run passes the tests.
+FUSED_MAX_M = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -291,7 +294,9 @@ def choose_impl(m: int, x_dtype, qt: quant.QuantizedTensor) -> str:
     """What ``impl="auto"`` runs for ``m`` rows of activations (see FUSED_MAX_M)."""
     if jax.default_backend() != "gpu" or not kernel_supports(x_dtype, qt):
         return "xla"
-    return "pallas" if m <= FUSED_MAX_M else "pallas_dequant"
+    if m <= FUSED_MAX_M:
+        return "pallas"
+    return "pallas_dequant" if AUTO_USES_KERNEL else "xla"
 
 
 def qmatmul(
