@@ -5,7 +5,9 @@ r"""QLoRA on a local LLaMA-family checkpoint with Alpaca-format JSONL: the paper
 
 NF4 + double quantization, LoRA r=64, alpha=16, dropout 0.1 on all seven linears, paged AdamW,
 lr 2e-4 constant after 3 % warmup, max grad norm 0.3, batch 16 as 1 x 16 accumulation, gradient
-checkpointing, targets-only loss, group-by-length (QLoRA's qlora.py defaults, 7B/13B).
+checkpointing, targets-only loss, group-by-length (QLoRA's qlora.py defaults, 7B/13B). The paged
+moments are updated 256 MiB at a time. Several GPUs: set config.mesh and a batch_size divisible
+by data x fsdp (README, Scale-out).
 Hardware: one GPU of >= 24 GB for 7B. Wall time and metrics: not yet measured by this project
 (no GPU run so far); the QLoRA paper reports its results for these settings.
 """
@@ -33,6 +35,8 @@ def get_config():
     c.train.warmup_ratio = 0.03
     c.train.max_grad_norm = 0.3
     c.train.optimizer = "paged_adamw"
+    # 256 MiB of moments on the device at a time: what lets 33B fit 24 GB (python -m experiments.plan)
+    c.train.paged_chunk_bytes = 256 * 2**20
     c.train.remat = True
     c.log_every = 10
     c.eval_every = 200

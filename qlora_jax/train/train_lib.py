@@ -114,7 +114,11 @@ def build_optimizer(config):
     inner = optax.chain(
         optax.clip_by_global_norm(t.max_grad_norm), base(schedule, b2=t.adam_b2, weight_decay=t.weight_decay)
     )
-    return (paged(inner, min_size=t.paged_min_size) if t.optimizer.startswith("paged") else inner), schedule
+    if not t.optimizer.startswith("paged"):
+        return inner, schedule
+    if t.paged_chunk_bytes < 0:
+        raise ValueError(f"config.train.paged_chunk_bytes must be >= 0 (0: one chunk); got {t.paged_chunk_bytes}")
+    return paged(inner, min_size=t.paged_min_size, chunk_bytes=t.paged_chunk_bytes or None), schedule
 
 
 def _evaluate(eval_step, params, frozen, eval_batches, sharding, config):
@@ -311,6 +315,11 @@ def train_and_evaluate(config, workdir) -> dict:
                         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({"data": batches.state()})
                     ),
                 )
+    if t.steps == 0:  # evaluation only: the model as built or loaded (e.g. a base in each 4-bit type)
+        with jax.set_mesh(mesh):
+            last = {"step": 0, **_evaluate(eval_step, state.params, frozen, eval_batches, eval_batch_sharding, config)}
+        if chief:
+            metrics_file.write_text(json.dumps(last) + "\n")
     ckpt.wait_until_finished()
     ckpt.close()
     if tensorboard is not None:

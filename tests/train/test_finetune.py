@@ -181,7 +181,8 @@ def test_merged_and_quantized_exports_load_back(tmp_path):
 
 def test_full_parameter_pre_step_exports_a_base_the_next_run_loads(tmp_path):
     """configs/tiny_pretrain.py trains every base weight; export/model (weights + byte tokenizer)
-    is then a model_path: a no-op adapter (B = 0, lr 0) on it scores the same eval loss."""
+    is then a model_path: an evaluation-only run (train.steps=0) with a fresh adapter (B = 0) on it
+    scores the same eval loss."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     common = [a for a in SMALL if not a.startswith(("--config.train.learning_rate", "--config.num_generate"))]
     common += ["--config.num_generate=0", "--config.train.dtype=float32"]
@@ -197,11 +198,12 @@ def test_full_parameter_pre_step_exports_a_base_the_next_run_loads(tmp_path):
     again = [
         sys.executable, "-m", "experiments.finetune", "--config=experiments/configs/tiny.py",
         f"--workdir={tmp_path / 'ft'}", *common, f"--config.model_path={model}", "--config.quant.enabled=False",
-        "--config.lora.rank=4", "--config.train.learning_rate=0", "--config.train.steps=1",
+        "--config.lora.rank=4", "--config.train.steps=0",
         "--config.data.families=('reverse', 'upper')",
     ]  # fmt: skip
     subprocess.run(again, cwd=ROOT, env=env, capture_output=True, text=True, check=True)
-    assert _metrics(tmp_path / "ft")[-1]["eval_loss"] == pytest.approx(rows[-1]["eval_loss"], rel=1e-6)
+    (only,) = _metrics(tmp_path / "ft")
+    assert only["step"] == 0 and only["eval_loss"] == pytest.approx(rows[-1]["eval_loss"], rel=1e-6)
 
 
 def test_full_parameter_training_refuses_a_quantized_base(tmp_path):

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from qlora_jax.data import ByteTokenizer, Tokenized, collate
 from qlora_jax.nn import LlamaConfig, LlamaForCausalLM, LoRAConfig, QuantConfig, split_params
@@ -74,3 +75,16 @@ def test_accumulation_equals_one_large_batch_and_only_adapters_change(fresh_rng)
     assert set(jax.tree.leaves(jax.tree.map(lambda p: p.shape, s1.params))) == set(
         jax.tree.leaves(jax.tree.map(lambda p: p.shape, params))
     )
+
+
+def test_optimizer_config_errors_name_the_key():
+    from experiments.configs import tiny
+    from qlora_jax.train.train_lib import build_optimizer
+
+    c = tiny.get_config()
+    c.train.paged_chunk_bytes = -1
+    with pytest.raises(ValueError, match=r"config.train.paged_chunk_bytes must be >= 0"):
+        build_optimizer(c)
+    c.train.paged_chunk_bytes, c.train.optimizer = 0, "sgd"
+    with pytest.raises(ValueError, match=r"config.train.optimizer must be one of"):
+        build_optimizer(c)
