@@ -62,6 +62,7 @@ def get_config():
     c.train.accum_steps = 1  # gradient accumulation: batch_size x accum_steps examples per step
     c.train.learning_rate = 2e-3
     c.train.warmup_ratio = 0.03
+    c.train.lr_schedule = "constant"  # after warmup: constant (the QLoRA recipe) | cosine | linear (both decay to 0)
     c.train.max_grad_norm = 0.3
     c.train.weight_decay = 0.0
     c.train.adam_b2 = 0.999

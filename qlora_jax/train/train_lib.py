@@ -106,9 +106,16 @@ def build_optimizer(config):
     if t.optimizer not in OPTIMIZERS:
         raise ValueError(f"config.train.optimizer must be one of {OPTIMIZERS}; got {t.optimizer!r}")
     warmup = round(t.warmup_ratio * t.steps)
+    after = max(t.steps - warmup, 1)
+    decays = {
+        "constant": lambda: optax.constant_schedule(t.learning_rate),
+        "cosine": lambda: optax.cosine_decay_schedule(t.learning_rate, after),
+        "linear": lambda: optax.linear_schedule(t.learning_rate, 0.0, after),
+    }
+    if t.lr_schedule not in decays:
+        raise ValueError(f"config.train.lr_schedule must be one of {tuple(decays)}; got {t.lr_schedule!r}")
     schedule = optax.join_schedules(
-        [optax.linear_schedule(0.0, t.learning_rate, max(warmup, 1)), optax.constant_schedule(t.learning_rate)],
-        [warmup],
+        [optax.linear_schedule(0.0, t.learning_rate, max(warmup, 1)), decays[t.lr_schedule]()], [warmup]
     )
     base = adamw_8bit if t.optimizer.endswith("8bit") else optax.adamw
     inner = optax.chain(
