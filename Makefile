@@ -17,8 +17,9 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
+# The unit tests, and every notebook executed top to bottom in its fast mode (QLORA_NOTEBOOK_FAST=1).
 test: $(STAMP)
-	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
+	QLORA_NOTEBOOK_FAST=1 $(PY) -m pytest -n 2 --nbmake tests notebooks $(PYTEST_ARGS)
 
 # The default fine-tune: tiny random LLaMA in NF4, synthetic tasks, no downloads (CPU, < 2 min).
 finetune: $(STAMP)

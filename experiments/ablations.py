@@ -1,0 +1,147 @@
+"""Runs behind the ablation notebooks (``notebooks/``): a cached full-parameter pre-step that gives
+the tiny model a meaningful base, and cached QLoRA fine-tunes from it with config overrides.
+
+    from experiments import ablations
+    base = ablations.pretrained_base()  # runs/ablations/pretrain/export/model
+    rows = ablations.finetune("nf4_dq", {"quant.type": "nf4"})  # its metrics.jsonl rows
+    runs = ablations.finetune_seeds("nf4_dq", {"quant.type": "nf4"})  # {seed: rows}
+    mean, std = ablations.summarize(runs)  # final eval loss over the seeds
+    ablations.evaluate_base("fp4", {"quant.type": "fp4"})  # the base stored in FP4, untrained
+
+Everything goes through ``experiments.finetune``'s own ``train_and_evaluate`` and config files, so a
+notebook shows what the command line would produce. ``QLORA_NOTEBOOK_FAST=1`` (set by ``make
+test``) shrinks steps and data so each notebook runs in CI in well under 3 minutes; its runs go to
+a separate directory, so fast and full results never mix. A finished run is read back, not rerun.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pathlib
+import shutil
+
+import numpy as np
+
+from experiments.configs import tiny, tiny_pretrain
+from qlora_jax.train.train_lib import train_and_evaluate
+
+FAST = os.environ.get("QLORA_NOTEBOOK_FAST", "") == "1"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RUNS = ROOT / "runs" / ("ablations_fast" if FAST else "ablations")
+PRETRAIN_FAMILIES = ("reverse", "upper")  # configs/tiny_pretrain.py
+FINETUNE_FAMILIES = ("add", "sort", "reverse", "upper")  # two new families and the pre-step's two
+
+# (full, fast) sizes
+PRETRAIN_STEPS = 10 if FAST else 4000
+FINETUNE_STEPS = 6 if FAST else 200
+EVAL_EVERY = 3 if FAST else 25
+SEEDS = (0,) if FAST else (0, 1, 2)  # each fine-tune setting is repeated over these seeds
+
+
+def _apply(config, overrides: dict) -> None:
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        if leaf not in node:  # the locked config of the command line rejects typos too
+            raise KeyError(f"config has no key {key!r}")
+        node[leaf] = value
+
+
+def _run(config, workdir: pathlib.Path) -> list[dict]:
+    spec = config.to_json(sort_keys=True)
+    stamp = workdir / "ablation_config.json"
+    RUNS.mkdir(parents=True, exist_ok=True)
+    # notebooks run in parallel (pytest -n 2) share the pre-step: one trains it, the other waits
+    with open(RUNS / f".{workdir.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if stamp.exists() and stamp.read_text() != spec:  # same name, other settings: start over
+            shutil.rmtree(workdir)
+        if not (workdir / "final_metrics.json").exists():
+            workdir.mkdir(parents=True, exist_ok=True)
+            stamp.write_text(spec)
+            train_and_evaluate(config, workdir)
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _shrink(config) -> None:
+    if FAST:  # compile time dominates: a 1-layer model, no generation
+        config.model.hidden_size, config.model.intermediate_size, config.model.num_hidden_layers = 64, 128, 1
+        config.data.num_train, config.data.num_eval = 64, 16
+        config.eval_batches, config.num_generate = 1, 0
+        config.train.batch_size = 8
+
+
+def pretrained_base() -> pathlib.Path:
+    """The tiny LLaMA after the full-parameter pre-step (``configs/tiny_pretrain.py``): an HF
+    checkpoint directory with its tokenizer, trained once and then reused."""
+    c = tiny_pretrain.get_config()
+    c.train.steps = PRETRAIN_STEPS
+    c.train.batch_size = 32
+    c.eval_every = c.checkpoint_every = max(PRETRAIN_STEPS // 5, 1)
+    c.progress = False
+    _shrink(c)
+    _run(c, RUNS / "pretrain")
+    return RUNS / "pretrain" / "export" / "model"
+
+
+def finetune_config(overrides: dict | None = None):
+    """``configs/tiny.py`` fine-tuning the pre-trained base on all four task families (two of
+    them new to it)."""
+    c = tiny.get_config()
+    c.model_path = str(pretrained_base())
+    c.data.families = FINETUNE_FAMILIES
+    c.train.steps = FINETUNE_STEPS
+    c.eval_every = c.log_every = EVAL_EVERY
+    c.checkpoint_every = FINETUNE_STEPS
+    c.progress = False
+    # decayed to 0, the last evaluation is not at the mercy of the last few constant-lr steps
+    c.train.lr_schedule = "cosine"
+    if not FAST:  # 64 eval examples left the two-seed spread larger than the effects measured
+        c.data.num_eval, c.eval_batches, c.num_generate = 512, 32, 128
+    _shrink(c)
+    _apply(c, overrides or {})
+    return c
+
+
+def finetune(name: str, overrides: dict | None = None) -> list[dict]:
+    """Fine-tune (or read back) the run ``name`` with ``overrides`` (dotted config keys); returns
+    its ``metrics.jsonl`` rows. The name identifies the cache: change the overrides, change it."""
+    return _run(finetune_config(overrides), RUNS / name)
+
+
+def finetune_seeds(name: str, overrides: dict | None = None, seeds: tuple[int, ...] = SEEDS) -> dict[int, list[dict]]:
+    """``finetune`` once per seed (``config.seed``: adapter init, data, dropout and the eval set); runs
+    are cached as ``name`` (seed 0) and ``name_seed<k>``."""
+    return {s: finetune(name if s == 0 else f"{name}_seed{s}", {**(overrides or {}), "seed": s}) for s in seeds}
+
+
+def summarize(
+    runs: dict[int, list[dict]], key: str = "eval_loss", baseline: dict[int, list[dict]] | None = None
+) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one run) over seeds of ``key`` at the last
+    evaluation. With ``baseline`` (runs of the same seeds), of the per-seed differences
+    ``runs - baseline``: the seed also draws the eval set, and pairing cancels its sampling."""
+    values = np.array([final(rows)[key] for rows in runs.values()], np.float64)
+    if baseline is not None:
+        if sorted(baseline) != sorted(runs):
+            raise ValueError(f"baseline seeds {sorted(baseline)} differ from the runs' seeds {sorted(runs)}")
+        values -= np.array([final(baseline[s])[key] for s in runs], np.float64)
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
+def evaluate_base(name: str, overrides: dict | None = None) -> dict:
+    """Eval metrics of the pre-trained base as stored by ``overrides`` (e.g. in FP4), on the
+    pre-step's own task families, without training (``train.steps=0``)."""
+    settings = {"train.steps": 0, "data.families": PRETRAIN_FAMILIES}
+    if not FAST:  # no training noise here, only the sampling of the eval set: make it large
+        settings |= {"data.num_eval": 1024, "eval_batches": 64, "num_generate": 256}
+    return _run(finetune_config({**settings, **(overrides or {})}), RUNS / name)[-1]
+
+
+def final(rows: list[dict]) -> dict:
+    """The last row that has evaluation metrics."""
+    return [r for r in rows if "eval_loss" in r][-1]
