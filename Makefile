@@ -18,8 +18,10 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	touch $(STAMP)
 
 # The unit tests, and every notebook executed top to bottom in its fast mode (QLORA_NOTEBOOK_FAST=1).
+# Narrow with e.g. `make test TESTS=tests/train` or `make test PYTEST_ARGS="-m bnb"`.
+TESTS ?= tests notebooks
 test: $(STAMP)
-	QLORA_NOTEBOOK_FAST=1 $(PY) -m pytest -n 2 --nbmake tests notebooks $(PYTEST_ARGS)
+	QLORA_NOTEBOOK_FAST=1 $(PY) -m pytest -n 2 --nbmake $(PYTEST_ARGS) $(TESTS)
 
 # The default fine-tune: tiny random LLaMA in NF4, synthetic tasks, no downloads (CPU, < 2 min).
 finetune: $(STAMP)

@@ -33,8 +33,7 @@ RUNS = ROOT / "runs" / ("ablations_fast" if FAST else "ablations")
 PRETRAIN_FAMILIES = ("reverse", "upper")  # configs/tiny_pretrain.py
 FINETUNE_FAMILIES = ("add", "sort", "reverse", "upper")  # two new families and the pre-step's two
 
-# (full, fast) sizes
-PRETRAIN_STEPS = 10 if FAST else 4000
+# (full, fast) sizes; the full pre-step is configs/tiny_pretrain.py as it stands
 FINETUNE_STEPS = 6 if FAST else 200
 EVAL_EVERY = 3 if FAST else 25
 SEEDS = (0,) if FAST else (0, 1, 2)  # each fine-tune setting is repeated over these seeds
@@ -51,8 +50,22 @@ def _apply(config, overrides: dict) -> None:
         node[leaf] = value
 
 
+def _spec(config) -> str:
+    """What identifies a run: its config, with the base named relative to the repo (a moved
+    checkout keeps its cache) and, for a base of ours, that base's own spec: a retrained pre-step
+    reruns everything built on it."""
+    if not config.model_path:
+        return config.to_json(sort_keys=True)
+    spec = json.loads(config.to_json(sort_keys=True))
+    base = pathlib.Path(spec["model_path"])
+    stamp = base.parents[1] / "ablation_config.json"
+    spec["model_path"] = os.path.relpath(base, ROOT)
+    spec["base_spec"] = stamp.read_text() if stamp.exists() else None
+    return json.dumps(spec, sort_keys=True)
+
+
 def _run(config, workdir: pathlib.Path) -> list[dict]:
-    spec = config.to_json(sort_keys=True)
+    spec = _spec(config)
     stamp = workdir / "ablation_config.json"
     RUNS.mkdir(parents=True, exist_ok=True)
     # notebooks run in parallel (pytest -n 2) share the pre-step: one trains it, the other waits
@@ -79,10 +92,9 @@ def pretrained_base() -> pathlib.Path:
     """The tiny LLaMA after the full-parameter pre-step (``configs/tiny_pretrain.py``): an HF
     checkpoint directory with its tokenizer, trained once and then reused."""
     c = tiny_pretrain.get_config()
-    c.train.steps = PRETRAIN_STEPS
-    c.train.batch_size = 32
-    c.eval_every = c.checkpoint_every = max(PRETRAIN_STEPS // 5, 1)
     c.progress = False
+    if FAST:
+        c.train.steps, c.eval_every, c.checkpoint_every = 10, 5, 10
     _shrink(c)
     _run(c, RUNS / "pretrain")
     return RUNS / "pretrain" / "export" / "model"
@@ -100,7 +112,7 @@ def finetune_config(overrides: dict | None = None):
     c.progress = False
     # decayed to 0, the last evaluation is not at the mercy of the last few constant-lr steps
     c.train.lr_schedule = "cosine"
-    if not FAST:  # 64 eval examples left the two-seed spread larger than the effects measured
+    if not FAST:  # with 64 eval examples the spread over seeds dwarfed the effects measured
         c.data.num_eval, c.eval_batches, c.num_generate = 512, 32, 128
     _shrink(c)
     _apply(c, overrides or {})
@@ -134,12 +146,19 @@ def summarize(
 
 
 def evaluate_base(name: str, overrides: dict | None = None) -> dict:
-    """Eval metrics of the pre-trained base as stored by ``overrides`` (e.g. in FP4), on the
-    pre-step's own task families, without training (``train.steps=0``)."""
+    """Final metrics (eval loss, perplexity and, unless fast, exact match) of the pre-trained base
+    as stored by ``overrides`` (e.g. in FP4), on the pre-step's own task families, without
+    training (``train.steps=0``)."""
     settings = {"train.steps": 0, "data.families": PRETRAIN_FAMILIES}
     if not FAST:  # no training noise here, only the sampling of the eval set: make it large
         settings |= {"data.num_eval": 1024, "eval_batches": 64, "num_generate": 256}
-    return _run(finetune_config({**settings, **(overrides or {})}), RUNS / name)[-1]
+    _run(finetune_config({**settings, **(overrides or {})}), RUNS / name)
+    return json.loads((RUNS / name / "final_metrics.json").read_text())
+
+
+def pretrain_metrics() -> dict:
+    """Final metrics of the pre-step (trained first if need be)."""
+    return json.loads((pretrained_base().parents[1] / "final_metrics.json").read_text())
 
 
 def final(rows: list[dict]) -> dict:

@@ -23,7 +23,7 @@ def test_summarize_is_mean_and_sample_std_of_the_last_evaluation():
 
 def test_summarize_pairs_by_seed_against_a_baseline():
     # a constant per-seed offset: the pairs differ by exactly 0.25 whatever each seed's level
-    base = _runs({0: 1.0, 1: 3.0, 2: 2.0})
+    base = _runs({2: 2.0, 0: 1.0, 1: 3.0})  # another order than the runs': pairs go by seed, not position
     mean, std = ablations.summarize(_runs({0: 1.25, 1: 3.25, 2: 2.25}), baseline=base)
     assert mean == pytest.approx(0.25) and std == pytest.approx(0.0, abs=1e-12)
     with pytest.raises(ValueError, match=r"baseline seeds \[0, 1\] differ from the runs' seeds \[0, 1, 2\]"):
