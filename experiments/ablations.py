@@ -30,6 +30,8 @@ from qlora_jax.train.train_lib import train_and_evaluate
 FAST = os.environ.get("QLORA_NOTEBOOK_FAST", "") == "1"
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RUNS = ROOT / "runs" / ("ablations_fast" if FAST else "ablations")
+# the notebooks' PNGs; the fast mode never overwrites the committed full-run figures
+FIGURES = ROOT / "notebooks" / ("figures_fast" if FAST else "figures")
 PRETRAIN_FAMILIES = ("reverse", "upper")  # configs/tiny_pretrain.py
 FINETUNE_FAMILIES = ("add", "sort", "reverse", "upper")  # two new families and the pre-step's two
 
