@@ -35,7 +35,7 @@ FIGURES = ROOT / "notebooks" / ("figures_fast" if FAST else "figures")
 PRETRAIN_FAMILIES = ("reverse", "upper")  # configs/tiny_pretrain.py
 FINETUNE_FAMILIES = ("add", "sort", "reverse", "upper")  # two new families and the pre-step's two
 
-# (full, fast) sizes; the full pre-step is configs/tiny_pretrain.py as it stands
+# sizes, fast mode first; the full pre-step is configs/tiny_pretrain.py as it stands
 FINETUNE_STEPS = 6 if FAST else 200
 EVAL_EVERY = 3 if FAST else 25
 SEEDS = (0,) if FAST else (0, 1, 2)  # each fine-tune setting is repeated over these seeds
