@@ -247,6 +247,12 @@ def train_and_evaluate(config, workdir) -> dict:
     )
     metrics_file = workdir / "metrics.jsonl"
     start = 0
+    if t.steps == 0 and ckpt.latest_step() is not None:  # it would overwrite that run's metrics.jsonl
+        ckpt.close()
+        raise ValueError(
+            f"config.train.steps=0 evaluates a model without training, but --workdir={workdir} holds a run "
+            f"(checkpoint at step {ckpt.latest_step()}); use a new --workdir"
+        )
     if ckpt.latest_step() is not None:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
         restored = ckpt.restore(

@@ -4,6 +4,7 @@ output, and config typos rejected."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -105,6 +106,16 @@ def test_killed_run_resumes_with_identical_metrics(full_run, tmp_path):
     assert not (tmp_path / "final_metrics.json").exists(), "the run finished before it could be killed"
     _run(tmp_path, "--config.train.steps=30", "--config.checkpoint_every=10")
     assert _metrics(tmp_path) == _metrics(full_run)
+
+
+def test_evaluate_only_refuses_a_workdir_that_holds_a_run(full_run, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(full_run, workdir)
+    before = (workdir / "metrics.jsonl").read_text()
+    result = _run(workdir, "--config.train.steps=0", check=False)
+    assert result.returncode != 0
+    assert f"--workdir={workdir} holds a run (checkpoint at step 30); use a new --workdir" in result.stderr
+    assert (workdir / "metrics.jsonl").read_text() == before
 
 
 def test_misspelled_config_key_is_rejected(tmp_path):
