@@ -23,6 +23,7 @@ def get_config():
     c.lora.rank = 64
     c.lora.alpha = 16.0
     c.lora.dropout = 0.1
+    c.lora.dtype = "bfloat16"  # qlora.py casts the LoRA layers to bf16 under --bf16; 33B fits 24 GB only so
     c.data.kind = "jsonl"
     c.data.format = "alpaca"
     c.data.num_eval = 200

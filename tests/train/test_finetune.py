@@ -145,6 +145,7 @@ def test_llama_alpaca_config_is_the_qlora_recipe():
     c = llama_alpaca.get_config()
     assert (c.quant.type, c.quant.double_quant, c.quant.block_size) == ("nf4", True, 64)
     assert (c.lora.rank, c.lora.alpha, c.lora.dropout, len(c.lora.targets)) == (64, 16.0, 0.1, 7)
+    assert c.lora.dtype == "bfloat16"  # qlora.py casts LoRA layers to bf16; the planner's 33B-in-24GB assumes it
     assert (c.train.learning_rate, c.train.warmup_ratio, c.train.max_grad_norm) == (2e-4, 0.03, 0.3)
     assert c.train.lr_schedule == "constant"
     assert (c.train.batch_size * c.train.accum_steps, c.train.optimizer, c.train.remat) == (16, "paged_adamw", True)
