@@ -221,15 +221,28 @@ def to_host(tree):
     return multihost_utils.process_allgather(tree, tiled=True)
 
 
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    try:
+        return int(value) if value else default
+    except ValueError:
+        raise ValueError(f"environment variable {name} must be an integer; got {value!r}") from None
+
+
 def initialize_distributed(coordinator_address: str = "", num_processes: int = 0, process_id: int = -1) -> bool:
     """``jax.distributed.initialize`` from arguments, else from ``QLORA_COORDINATOR_ADDRESS``,
     ``QLORA_NUM_PROCESSES`` and ``QLORA_PROCESS_ID``. Returns whether it initialized (a single
     process — no address given — needs nothing). Call before any other JAX call."""
     address = coordinator_address or os.environ.get("QLORA_COORDINATOR_ADDRESS", "")
+    n = num_processes or _env_int("QLORA_NUM_PROCESSES", 0)
+    pid = process_id if process_id >= 0 else _env_int("QLORA_PROCESS_ID", -1)
     if not address:
+        if n > 1 or pid > 0:  # each process would think it is the only one, all writing one workdir
+            raise ValueError(
+                f"multi-host: num_processes={n}, process_id={pid} given without a coordinator address "
+                "(--coordinator_address or QLORA_COORDINATOR_ADDRESS)"
+            )
         return False
-    n = num_processes or int(os.environ.get("QLORA_NUM_PROCESSES", "0"))
-    pid = process_id if process_id >= 0 else int(os.environ.get("QLORA_PROCESS_ID", "-1"))
     if n < 1 or not 0 <= pid < n:
         raise ValueError(
             f"multi-host: coordinator {address!r} needs num_processes >= 1 and 0 <= process_id < num_processes; "

@@ -97,6 +97,17 @@ def test_make_mesh_fills_minus_one_and_names_the_config_key():
         parallel.make_mesh({"data": -1, "fsdp": -1})
 
 
+def test_process_flags_without_a_coordinator_are_an_error(monkeypatch):
+    for name in ("QLORA_COORDINATOR_ADDRESS", "QLORA_NUM_PROCESSES", "QLORA_PROCESS_ID"):
+        monkeypatch.delenv(name, raising=False)
+    assert parallel.initialize_distributed() is False  # one process: nothing to initialize
+    with pytest.raises(ValueError, match=r"num_processes=2, process_id=1 given without a coordinator address"):
+        parallel.initialize_distributed(num_processes=2, process_id=1)
+    monkeypatch.setenv("QLORA_NUM_PROCESSES", "two")
+    with pytest.raises(ValueError, match=r"environment variable QLORA_NUM_PROCESSES must be an integer; got 'two'"):
+        parallel.initialize_distributed()
+
+
 def test_batch_size_must_split_over_data_and_fsdp():
     mesh = AbstractMesh((2, 4), parallel.AXES, axis_types=(AxisType.Auto,) * 2)
     parallel.check_batch_size(mesh, 16)
