@@ -215,7 +215,7 @@ def dequantize(
     Args:
       qt: a :class:`qlora_jax.quant.QuantizedTensor`.
       dtype: float32, bfloat16 or float16.
-      impl: ``"auto"`` (the Pallas kernel on GPU for shapes it takes, else the reference),
+      impl: ``"auto"`` (the Pallas kernel on GPU for shapes it takes while ``AUTO_USES_KERNEL``, else the reference),
         ``"pallas"`` (the kernel; raises for shapes it does not take) or ``"xla"`` (reference).
       interpret: run the kernel in Pallas interpret mode (CPU); ``None`` = on non-GPU backends.
       block_sizes: kernel tiling.

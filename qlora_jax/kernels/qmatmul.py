@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -30,17 +31,18 @@ from jax.experimental.pallas import triton as plgpu
 
 from qlora_jax import quant
 from qlora_jax.kernels.dequantize import (
-    AUTO_USES_KERNEL,
+    dequantize as dequantize_kernel,
+)
+from qlora_jax.kernels.dequantize import (
     dequantize_tile,
     double_quant_args,
     drop_alias_input,
     load_absmax,
     resolve_interpret,
 )
-from qlora_jax.kernels.dequantize import (
-    dequantize as dequantize_kernel,
-)
 
+# the module: the package exports a function of the same name
+dequantize_module = importlib.import_module("qlora_jax.kernels.dequantize")
 IMPLS = ("auto", "pallas", "pallas_dequant", "xla")
 KERNEL_BLOCK_SIZES = (32, 64, 128, 256)  # quantization block sizes the fused kernels take
 KERNEL_X_DTYPES = ("bfloat16", "float16")
@@ -296,7 +298,8 @@ def choose_impl(m: int, x_dtype, qt: quant.QuantizedTensor) -> str:
         return "xla"
     if m <= FUSED_MAX_M:
         return "pallas"
-    return "pallas_dequant" if AUTO_USES_KERNEL else "xla"
+    # read at call time: a GPU re-verification flips dequantize.AUTO_USES_KERNEL for both paths
+    return "pallas_dequant" if dequantize_module.AUTO_USES_KERNEL else "xla"
 
 
 def qmatmul(
@@ -312,7 +315,8 @@ def qmatmul(
     Args:
       x: activations ``[..., in]`` (bf16 or fp16 for the kernels; any float for "xla").
       qt: the frozen weight, a 2-D QuantizedTensor of shape ``[out, in]``.
-      impl: ``"auto"`` (GPU: fused kernel for small M, dequantize kernel + XLA GEMM for large M;
+      impl: ``"auto"`` (:func:`choose_impl`: on GPU the fused kernels for M <= FUSED_MAX_M, the
+        dequantize kernel + XLA GEMM above it while ``dequantize.AUTO_USES_KERNEL``, else and
         elsewhere the XLA path), ``"pallas"`` (fused kernels), ``"pallas_dequant"`` (dequantize
         kernel + XLA GEMM) or ``"xla"`` (:func:`qmatmul_reference`).
       interpret: run Pallas kernels in interpret mode; ``None`` = on non-GPU backends.
