@@ -271,7 +271,10 @@ def test_parse_bytes():
         (("--device_memory=-3GB",), "--device_memory"),
         (("--chunk_bytes=lots",), "--chunk_bytes"),
         (("--model=llama-9000b",), "--model"),
-        (("--mesh=data=2", "--batch=3"), "does not divide"),
+        (
+            ("--mesh=data=2", "--batch=3"),
+            r"batch=3 does not divide over the mesh's data x fsdp = 2 devices \(--batch, --mesh\)",
+        ),
         (("--mesh=data:2",), "mesh"),
     ],
 )
