@@ -1,7 +1,8 @@
 """``train_and_evaluate(config, workdir)``: the QLoRA fine-tuning loop behind experiments.finetune.
 
 One run: build or load the model (NF4 base + LoRA adapters), build the data, train with a jitted
-step over the adapters only (paged AdamW by default), log metrics to ``workdir/metrics.jsonl``
+step over the adapters only (paged AdamW by default; ``train.trainable='full'`` trains every
+weight of an unquantized base instead, ``train.steps=0`` only evaluates), log metrics to ``workdir/metrics.jsonl``
 and TensorBoard event files (``workdir/tensorboard``), evaluate every ``eval_every`` steps,
 checkpoint with orbax every ``checkpoint_every`` steps (adapters, optimizer state, step, data
 position; the RNG is a function of the step), and export
@@ -26,7 +27,7 @@ import orbax.checkpoint as ocp
 from tensorboardX import SummaryWriter
 from tqdm.auto import tqdm
 
-from qlora_jax import parallel
+from qlora_jax import parallel, quant
 from qlora_jax.checkpoints import load_pretrained
 from qlora_jax.data import Batches, ByteTokenizer, exact_match, load_jsonl, load_tokenizer, make_examples, tokenize
 from qlora_jax.nn import LlamaConfig, LlamaForCausalLM, LoRAConfig, QuantConfig, generate, split_params
@@ -171,6 +172,12 @@ def setup(config, mesh):
     params, frozen = split_params(variables)
     if _full(config):
         params, frozen = frozen.pop("frozen"), frozen  # every base weight is trainable
+        stored = [x for x in jax.tree.leaves(params, is_leaf=_is_4bit) if _is_4bit(x)]
+        if stored:  # uint8 codes cannot be differentiated
+            raise ValueError(
+                f"config.train.trainable='full' needs a 16/32-bit base, but config.model_path={config.model_path} "
+                f"stores {len(stored)} weights in 4 bits (a bitsandbytes checkpoint)"
+            )
     frozen = parallel.place(frozen, parallel.frozen_shardings(frozen, mesh))
     params = parallel.place(
         params, parallel.tree_shardings(params, mesh, config.sharding.params, "config.sharding.params")
@@ -200,7 +207,13 @@ def jit_train_step(model, tx, schedule, state_shardings, seed: int, collection: 
     )
 
 
+def _is_4bit(x) -> bool:
+    return isinstance(x, quant.QuantizedTensor)
+
+
 def _full(config) -> bool:
+    if config.train.steps < 0:
+        raise ValueError(f"config.train.steps must be >= 0 (0: evaluate only); got {config.train.steps}")
     if config.train.trainable not in ("lora", "full"):
         raise ValueError(f"config.train.trainable must be 'lora' or 'full'; got {config.train.trainable!r}")
     if config.train.trainable == "full" and (config.quant.enabled or config.lora.rank):

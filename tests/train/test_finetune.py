@@ -223,3 +223,23 @@ def test_full_parameter_training_refuses_a_quantized_base(tmp_path):
     result = _run(tmp_path, "--config.train.trainable=full", check=False)
     assert result.returncode != 0
     assert "config.train.trainable='full' trains the unquantized base itself" in result.stderr
+
+
+def test_full_parameter_training_refuses_a_4bit_checkpoint(tmp_path):
+    from experiments.configs import tiny
+    from qlora_jax import parallel
+    from qlora_jax.data import ByteTokenizer
+    from qlora_jax.train import train_lib
+
+    model_path = tmp_path / "bnb"
+    shutil.copytree(ROOT / "tests" / "fixtures" / "hf" / "llama_bnb4bit", model_path)
+    ByteTokenizer().save(model_path)
+    c = tiny.get_config()
+    c.model_path, c.quant.enabled, c.lora.rank, c.train.trainable = str(model_path), False, 0, "full"
+    mesh = parallel.make_mesh({"data": -1, "fsdp": 1})
+    # two layers x seven linears stored as bitsandbytes NF4
+    with pytest.raises(ValueError, match=rf"16/32-bit base, but config.model_path={model_path} stores 14 weights"):
+        train_lib.setup(c, mesh)
+    c.train.trainable, c.lora.rank, c.train.steps = "lora", 4, -1
+    with pytest.raises(ValueError, match=r"config.train.steps must be >= 0 \(0: evaluate only\); got -1"):
+        train_lib.setup(c, mesh)
