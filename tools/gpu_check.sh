@@ -5,7 +5,8 @@
 #   2. experiments/bench_kernels.py;
 #   3. experiments/bench_optim.py (paged / 8-bit AdamW step time, host<->device GB/s);
 #   4. experiments/bench_train.py (QLoRA step vs bf16-LoRA step, hidden 4096, 2 layers).
-# Prints a short summary table last; full logs go to $OUT (or /tmp/gpu_check). Budget: < 5 min.
+# Prints a short summary table last; full logs go to $OUT (or /tmp/gpu_check). Budget: at most 7.5 min
+# (timeouts 150 + 110 + 120 + 60 s) plus the machine's start.
 # Usage (device tool): bash tools/gpu_check.sh
 # Dry run on a CPU (interpret mode, XLA path only): QLORA_JAX_INTERPRET=1 PY=.venv/bin/python bash tools/gpu_check.sh
 set -uo pipefail

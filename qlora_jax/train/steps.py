@@ -21,7 +21,7 @@ Array = jax.Array
 
 class TrainState(NamedTuple):
     step: Array  # int32 scalar
-    params: Any  # the LoRA adapters
+    params: Any  # what trains: the LoRA adapters, or every base weight with train.trainable='full'
     opt_state: Any
 
 
