@@ -487,7 +487,7 @@ def plan(
     if batch < 1 or seq_len < 1 or accum_steps < 1:
         raise ValueError(f"batch, seq_len and accum_steps must be >= 1; got {batch}, {seq_len}, {accum_steps}")
     if batch % devices:
-        raise ValueError(f"batch={batch} does not divide over the mesh's data x fsdp = {devices} devices")
+        raise ValueError(f"batch={batch} does not divide over the mesh's data x fsdp = {devices} devices (batch, mesh)")
     fsdp = m["fsdp"]
     frozen = frozen_bytes(model_config, quant, dtype, fsdp)
     shapes = lora_shapes(model_config, lora)
@@ -614,9 +614,3 @@ def compiled_memory(
     out = {f: int(getattr(stats, f"{f}_size_in_bytes")) for f in fields}
     out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
     return out
-
-
-def _is_quantized(x) -> bool:
-    from qlora_jax.quant import QuantizedTensor
-
-    return isinstance(x, QuantizedTensor)

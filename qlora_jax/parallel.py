@@ -38,7 +38,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from qlora_jax.quant import QuantizedTensor
+from qlora_jax.quant import QuantizedTensor, is_quantized
 
 AXES = ("data", "fsdp")
 BATCH_AXES = AXES  # the batch is split over both
@@ -141,16 +141,12 @@ def quantized_sharding(qt: QuantizedTensor, mesh: Mesh) -> QuantizedTensor:
     )
 
 
-def _is_qt(x) -> bool:
-    return isinstance(x, QuantizedTensor)
-
-
 def frozen_shardings(frozen, mesh: Mesh):
     """Shardings for the frozen collections: QuantizedTensors by rows, other arrays by the fsdp rule."""
     return jax.tree.map(
-        lambda x: quantized_sharding(x, mesh) if _is_qt(x) else array_sharding(x, mesh, "fsdp"),
+        lambda x: quantized_sharding(x, mesh) if is_quantized(x) else array_sharding(x, mesh, "fsdp"),
         frozen,
-        is_leaf=_is_qt,
+        is_leaf=is_quantized,
     )
 
 

@@ -20,6 +20,7 @@ from qlora_jax import memory, parallel
 from qlora_jax.nn import LlamaConfig, LlamaForCausalLM, LoRAConfig, QuantConfig
 from qlora_jax.nn.lora import split_params
 from qlora_jax.optim import paged, state_bytes_by_memory_kind
+from qlora_jax.quant import is_quantized
 
 TOLERANCE = 0.15
 
@@ -73,9 +74,7 @@ def test_frozen_and_adapter_bytes_equal_eval_shape(name, quant):
     lora = LoRAConfig(rank=8, targets=("q_proj", "v_proj", "down_proj"), dtype=jnp.bfloat16)
     params, frozen = split_params(memory.abstract_variables(cfg, quant, lora, jnp.bfloat16))
     fb = memory.frozen_bytes(cfg, quant, jnp.bfloat16)
-    quantized = sum(
-        memory.tree_nbytes(x) for x in jax.tree.leaves(frozen, is_leaf=memory._is_quantized) if memory._is_quantized(x)
-    )
+    quantized = sum(memory.tree_nbytes(x) for x in jax.tree.leaves(frozen, is_leaf=is_quantized) if is_quantized(x))
     assert fb.quantized == quantized
     assert fb.quantized + fb.other == memory.tree_nbytes(frozen)
     p = memory.plan(cfg, quant, lora, batch=1, seq_len=8)
@@ -273,7 +272,7 @@ def test_parse_bytes():
         (("--model=llama-9000b",), "--model"),
         (
             ("--mesh=data=2", "--batch=3"),
-            r"batch=3 does not divide over the mesh's data x fsdp = 2 devices \(--batch, --mesh\)",
+            r"batch=3 does not divide over the mesh's data x fsdp = 2 devices \(batch, mesh\)",
         ),
         (("--mesh=data:2",), "mesh"),
     ],

@@ -162,10 +162,6 @@ def load_pretrained(
     return model, variables
 
 
-def _is_qt(x) -> bool:
-    return isinstance(x, quant.QuantizedTensor)
-
-
 def _load_frozen(tensors, abstract_frozen, storage, prequant, dtype, progress, root):
     flat = traverse_util.flatten_dict(abstract_frozen)
     used: set[str] = set()
@@ -175,7 +171,7 @@ def _load_frozen(tensors, abstract_frozen, storage, prequant, dtype, progress, r
         expected = tuple(leaf.shape)
         if name not in tensors:
             raise ValueError(f"{root}: checkpoint is missing tensor {name!r} (expected shape {list(expected)})")
-        if _is_qt(leaf) and prequant:
+        if quant.is_quantized(leaf) and prequant:
             sd = {name: tensors.get(name)}
             for key in tensors.files:
                 if key.startswith(name + ".") and (key.rsplit(".", 1)[-1] in _BNB_SUFFIXES or ".quant_state." in key):
@@ -187,7 +183,7 @@ def _load_frozen(tensors, abstract_frozen, storage, prequant, dtype, progress, r
             got = tensors.shape(name)
             if got == expected:
                 array = tensors.get(name)
-                value = storage.quantize(array, name) if _is_qt(leaf) else jnp.asarray(array, dtype)
+                value = storage.quantize(array, name) if quant.is_quantized(leaf) else jnp.asarray(array, dtype)
                 del array  # the full-precision copy goes as soon as it is quantized
             used.add(name)
         if tuple(got) != expected:
@@ -227,7 +223,7 @@ def save_pretrained_4bit(path, config_raw: dict, frozen: dict, compute_dtype: st
     kinds = set()
     for p, value in traverse_util.flatten_dict(frozen).items():
         name = hf_tensor_name(p)
-        if _is_qt(value):
+        if quant.is_quantized(value):
             kinds.add((value.quant_type, value.double_quant, value.block_size))
             tensors.update(quant.to_bnb_state_dict(value, prefix=name))
         else:

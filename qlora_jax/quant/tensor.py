@@ -81,6 +81,11 @@ class QuantizedTensor:
         return 8 * self.nbytes / self.size
 
 
+def is_quantized(x) -> bool:
+    """Whether ``x`` is a :class:`QuantizedTensor`: the ``is_leaf`` for trees that hold 4-bit weights."""
+    return isinstance(x, QuantizedTensor)
+
+
 def _check_choice(value, allowed, what: str) -> None:
     if value not in allowed:
         raise ValueError(f"{what} must be one of {tuple(allowed)}; got {value!r}")
