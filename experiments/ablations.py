@@ -41,17 +41,6 @@ EVAL_EVERY = 3 if FAST else 25
 SEEDS = (0,) if FAST else (0, 1, 2)  # each fine-tune setting is repeated over these seeds
 
 
-def _apply(config, overrides: dict) -> None:
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        if leaf not in node:  # the locked config of the command line rejects typos too
-            raise KeyError(f"config has no key {key!r}")
-        node[leaf] = value
-
-
 def _spec(config) -> str:
     """What identifies a run: its config, with the base named relative to the repo (a moved
     checkout keeps its cache) and, for a base of ours, that base's own spec: a retrained pre-step
@@ -117,7 +106,8 @@ def finetune_config(overrides: dict | None = None):
     if not FAST:  # with 64 eval examples the spread over seeds dwarfed the effects measured
         c.data.num_eval, c.eval_batches, c.num_generate = 512, 32, 128
     _shrink(c)
-    _apply(c, overrides or {})
+    c.lock()  # as on the command line, a misspelled key is an error, not a new field
+    c.update_from_flattened_dict(overrides or {})
     return c
 
 

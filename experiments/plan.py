@@ -130,8 +130,7 @@ def main(argv):
     try:
         p = build_plan()
     except ValueError as e:
-        hint = " (--batch, --mesh)" if "does not divide over the mesh" in str(e) else ""
-        raise app.UsageError(f"{e}{hint}") from None
+        raise app.UsageError(str(e)) from None
     print(f"model {FLAGS.model}: batch {FLAGS.batch} x seq {FLAGS.seq_len}, accum {FLAGS.accum_steps}, "
           f"quant {FLAGS.quant}{'+DQ' if FLAGS.double_quant and FLAGS.quant != 'none' else ''}, "
           f"LoRA r={FLAGS.rank} {FLAGS.lora_dtype}, {'paged ' if FLAGS.paged else ''}{FLAGS.optimizer}, "

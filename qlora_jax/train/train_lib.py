@@ -167,12 +167,14 @@ def setup(config, mesh):
 
     Returns ``(model, tokenizer, model_config, frozen, state, tx, schedule)``.
     """
+    if config.train.steps < 0:
+        raise ValueError(f"config.train.steps must be >= 0 (0: evaluate only); got {config.train.steps}")
     parallel.check_batch_size(mesh, config.train.batch_size)
     model, variables, tok, model_cfg = build_model(config)
     params, frozen = split_params(variables)
     if _full(config):
         params, frozen = frozen.pop("frozen"), frozen  # every base weight is trainable
-        stored = [x for x in jax.tree.leaves(params, is_leaf=_is_4bit) if _is_4bit(x)]
+        stored = [x for x in jax.tree.leaves(params, is_leaf=quant.is_quantized) if quant.is_quantized(x)]
         if stored:  # uint8 codes cannot be differentiated
             raise ValueError(
                 f"config.train.trainable='full' needs a 16/32-bit base, but config.model_path={config.model_path} "
@@ -207,13 +209,7 @@ def jit_train_step(model, tx, schedule, state_shardings, seed: int, collection: 
     )
 
 
-def _is_4bit(x) -> bool:
-    return isinstance(x, quant.QuantizedTensor)
-
-
 def _full(config) -> bool:
-    if config.train.steps < 0:
-        raise ValueError(f"config.train.steps must be >= 0 (0: evaluate only); got {config.train.steps}")
     if config.train.trainable not in ("lora", "full"):
         raise ValueError(f"config.train.trainable must be 'lora' or 'full'; got {config.train.trainable!r}")
     if config.train.trainable == "full" and (config.quant.enabled or config.lora.rank):
