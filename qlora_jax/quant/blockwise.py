@@ -12,6 +12,9 @@ Rules (bitsandbytes' CUDA kernels, ``csrc/kernels.cu``):
 * Scale by the float32 reciprocal: ``x * (1 / absmax)``, not ``x / absmax``.
 * Nearest code by the type's decision thresholds with strict ``>``: a value exactly on a
   threshold takes the lower code. NaN takes code 0.
+* A block holding NaN or ±Inf gets a NaN absmax (:func:`absmax_of_blocks`), so it dequantizes to NaN
+  in every element, on every backend and at every size (bitsandbytes' absmax is ``inf`` for an
+  Inf block; the codes are the same).
 * An all-zero block takes the code of an exact zero and dequantizes to exact zeros, with or
   without double quantization. (CUDA's ``0 * (1 / 0) = NaN`` gives NF4 code 0 instead, which
   double quantization turns into a nonzero value; see ``_reciprocal``.)
@@ -56,6 +59,17 @@ def _count_above(x: jax.Array, thresholds: np.ndarray) -> jax.Array:
     for t in thresholds:
         count = count + (x > np.float32(t)).astype(jnp.uint8)
     return count
+
+
+def absmax_of_blocks(blocks: jax.Array) -> jax.Array:
+    """float32 ``max |x|`` over the last axis; NaN for a block holding NaN or ±Inf.
+
+    ``jnp.max`` alone does not propagate NaN everywhere: XLA CPU's reduce-max dropped it in larger
+    reductions (a 256x256 tensor with one NaN quantized to finite values; 100 elements kept it).
+    The separate ``isfinite`` reduction fuses into the same pass.
+    """
+    absmax = jnp.max(jnp.abs(blocks), axis=-1)
+    return jnp.where(jnp.all(jnp.isfinite(blocks), axis=-1), absmax, np.float32(np.nan))
 
 
 def _reciprocal(absmax: jax.Array) -> jax.Array:
@@ -120,7 +134,7 @@ def quantize_4bit_blocks(x: jax.Array, quant_type: str, block_size: int) -> tupl
     flat = x.reshape(-1).astype(jnp.float32)
     n = flat.shape[0]
     blocks = _blocks(flat, block_size)
-    absmax = jnp.max(jnp.abs(blocks), axis=1)
+    absmax = absmax_of_blocks(blocks)
     scaled = blocks * _reciprocal(absmax)[:, None]
     codes = encode_4bit(scaled, quant_type).reshape(-1)[: n + n % 2]
     return pack_nibbles(codes), absmax
@@ -146,7 +160,7 @@ def quantize_blockwise_8bit(x: jax.Array, table: np.ndarray, block_size: int) ->
     flat = x.reshape(-1).astype(jnp.float32)
     n = flat.shape[0]
     blocks = _blocks(flat, block_size)
-    absmax = jnp.max(jnp.abs(blocks), axis=1)
+    absmax = absmax_of_blocks(blocks)
     scaled = blocks * _reciprocal(absmax)[:, None]
     codes = jnp.searchsorted(jnp.asarray(thresholds), scaled.reshape(-1), side="left")
     return codes[:n].astype(jnp.uint8), absmax

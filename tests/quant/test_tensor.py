@@ -253,13 +253,38 @@ def test_check_finite_inside_jit_says_to_call_it_outside():
         jax.jit(lambda w: quant.quantize(w, check_finite=True).packed)(_weights())
 
 
-def test_nonfinite_without_check_poisons_blocks_as_documented():
-    x = _weights((4, 128))
-    x[1, 70] = np.nan
-    y = np.asarray(quant.dequantize(quant.quantize(x, "nf4", 64, False), jnp.float32))
-    assert np.all(np.isnan(y[1, 64:])) and np.isfinite(np.delete(y.reshape(-1), np.s_[192:256])).all()
-    y = np.asarray(quant.dequantize(quant.quantize(x, "nf4", 64, True), jnp.float32))
-    assert np.all(np.isnan(y))  # double quant: the shared offset carries NaN to every block
+@pytest.mark.parametrize(
+    "shape, dtype",
+    [((4, 128), np.float32), ((64, 64), np.float32), ((256, 256), jnp.bfloat16), ((1024, 96), np.float32)],
+)
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nonfinite_without_check_poisons_blocks_as_documented(shape, bad, dtype):
+    """A NaN or ±Inf turns its whole block into NaN, and with double quantization the whole tensor:
+    at every size (XLA CPU's reduce-max dropped NaN from 64 rows up) and for every type."""
+    x = _weights(shape)
+    pos = x.size // 2 + 3  # an element inside some block, not the first one
+    x.reshape(-1)[pos] = bad
+    x = x.astype(dtype)
+    block = pos // 64
+    for quant_type in ("nf4", "fp4", "int4"):
+        y = np.asarray(quant.dequantize(quant.quantize(x, quant_type, 64, False), jnp.float32)).reshape(-1)
+        assert np.all(np.isnan(y[block * 64 : (block + 1) * 64])), quant_type
+        assert np.isfinite(np.delete(y, np.s_[block * 64 : (block + 1) * 64])).all(), quant_type
+        y = np.asarray(quant.dequantize(quant.quantize(x, quant_type, 64, True), jnp.float32))
+        assert np.all(np.isnan(y)), quant_type  # double quant: the shared offset carries NaN to every block
+
+
+@pytest.mark.parametrize("n", [100, 65536, 1 << 20])
+def test_8bit_blockwise_absmax_propagates_nan(n):
+    from qlora_jax.quant import blockwise
+
+    x = np.random.default_rng(1).standard_normal(n).astype(np.float32)
+    x[n - 7] = np.nan
+    codes, absmax = blockwise.quantize_blockwise_8bit(jnp.asarray(x), codebooks.DYNAMIC_SIGNED, 256)
+    y = np.asarray(blockwise.dequantize_blockwise_8bit(codes, absmax, codebooks.DYNAMIC_SIGNED, 256))
+    bad = (n - 7) // 256
+    assert np.isnan(np.asarray(absmax)).sum() == 1 and np.isnan(np.asarray(absmax)[bad])
+    assert np.all(np.isnan(y[bad * 256 : (bad + 1) * 256]))
 
 
 @pytest.mark.parametrize("block_size, dq", [(64, True), (64, False), (128, True), (4096, False)])
