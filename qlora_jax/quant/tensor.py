@@ -41,6 +41,12 @@ class QuantizedTensor:
     block's absmax — so ``|y - x| <= max_gap / 2 * absmax`` with ``max_gap`` the largest gap of
     the code table (plus the absmax error of double quantization). Blocks whose elements are all
     zero dequantize to exact zeros. ``quantize(dequantize(qt))`` reproduces ``qt``'s codes.
+
+    The layout is checked whenever one is built — by the constructor, ``replace``, orbax restore
+    and every pytree unflatten: a wrong static field, a missing or extra double-quant field, or an
+    array of the wrong dtype or length raises ``ValueError`` naming the field. Leading axes shared
+    by every array (layers stacked for a scan) are allowed; trees of non-arrays (shardings, byte
+    counts) and float0 cotangents are not checked.
     """
 
     packed: jax.Array
@@ -52,6 +58,9 @@ class QuantizedTensor:
     quant_type: str = flax.struct.field(pytree_node=False, default="nf4")
     block_size: int = flax.struct.field(pytree_node=False, default=64)
     nested_block_size: int | None = flax.struct.field(pytree_node=False, default=None)
+
+    def __post_init__(self):
+        _check_layout(self)
 
     @property
     def double_quant(self) -> bool:
@@ -79,6 +88,50 @@ class QuantizedTensor:
     def bits_per_param(self) -> float:
         """Stored bits per element: ~4.5 for plain absmax at block 64, ~4.127 with double quant."""
         return 8 * self.nbytes / self.size
+
+
+def _check_layout(qt: QuantizedTensor) -> None:
+    """The invariants of the class docstring; see there for what is and is not checked."""
+    _check_choice(qt.quant_type, codebooks.QUANT_TYPES, "QuantizedTensor.quant_type")
+    _check_choice(qt.block_size, blockwise.BLOCK_SIZES, "QuantizedTensor.block_size")
+    if qt.nested_block_size is not None:
+        _check_choice(qt.nested_block_size, blockwise.NESTED_BLOCK_SIZES, "QuantizedTensor.nested_block_size")
+    if qt.dtype not in _DTYPE_NAMES:
+        raise ValueError(f"QuantizedTensor.dtype must be one of {tuple(_DTYPE_NAMES)}; got {qt.dtype!r}")
+    shape = qt.shape
+    if not isinstance(shape, tuple) or not all(isinstance(d, int | np.integer) and d > 0 for d in shape):
+        raise ValueError(f"QuantizedTensor.shape must be a tuple of positive ints; got {shape!r}")
+
+    def is_array(a) -> bool:
+        return hasattr(a, "shape") and hasattr(a, "dtype")
+
+    if not is_array(qt.packed) or not np.ndim(qt.packed):
+        return  # a tree of shardings, sizes or sentinels with this structure, not a tensor
+    dq = qt.nested_block_size is not None
+    for field in ("absmax", "nested_absmax", "offset"):
+        present = field == "absmax" or dq
+        if is_array(getattr(qt, field)) != present:
+            raise ValueError(
+                f"QuantizedTensor.{field} must be {'an array' if present else 'None'} with nested_block_size="
+                f"{qt.nested_block_size}; got {type(getattr(qt, field)).__name__}"
+            )
+    leaves = {f: getattr(qt, f) for f in ("packed", "absmax", "nested_absmax", "offset")}
+    n = int(np.prod(shape, dtype=np.int64))
+    nb = blockwise.num_blocks(n, qt.block_size)
+    want = {"packed": (np.uint8, (n + 1) // 2), "absmax": (np.uint8 if dq else np.float32, nb)}
+    if dq:
+        want |= {"nested_absmax": (np.float32, blockwise.num_blocks(nb, qt.nested_block_size)), "offset": (np.float32,)}
+    batch = tuple(qt.packed.shape[:-1])
+    for field, (dtype, *length) in want.items():
+        a = leaves[field]
+        expected = (*batch, *length)
+        got_dtype = np.dtype(a.dtype)
+        if tuple(a.shape) != expected or (got_dtype != dtype and got_dtype != jax.dtypes.float0):
+            what = f"{n} elements in blocks of {qt.block_size}" + (f", nested {qt.nested_block_size}" if dq else "")
+            raise ValueError(
+                f"QuantizedTensor.{field} should be {np.dtype(dtype).name}{list(expected)} for shape {list(shape)} "
+                f"({what}); got {got_dtype.name}{list(a.shape)}"
+            )
 
 
 def is_quantized(x) -> bool:

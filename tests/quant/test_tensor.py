@@ -186,6 +186,70 @@ def test_from_bnb_state_dict_names_the_bad_key(mutate, match):
 # --- Bad input -----------------------------------------------------------------------------------
 
 
+def _qt(dq=True):
+    return quant.quantize(_weights((32, 256)), "nf4", 64, dq)  # 8192 elements, 128 blocks
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(shape=(16, 256)), r"QuantizedTensor.packed should be uint8\[2048\] for shape \[16, 256\]"),
+        (dict(shape=(32, 0)), r"QuantizedTensor.shape must be a tuple of positive ints; got \(32, 0\)"),
+        (dict(block_size=128), r"QuantizedTensor.absmax should be uint8\[64\] .*got uint8\[128\]"),
+        (dict(block_size=48), r"QuantizedTensor.block_size must be one of"),
+        (dict(dtype="int8"), r"QuantizedTensor.dtype must be one of \('float32', 'bfloat16', 'float16'\); got 'int8'"),
+        (dict(quant_type="nf3"), r"QuantizedTensor.quant_type must be one of"),
+        (dict(packed=np.zeros(4095, np.uint8)), r"QuantizedTensor.packed should be uint8\[4096\] .*got uint8\[4095\]"),
+        (dict(packed=np.zeros(4096, np.int8)), r"QuantizedTensor.packed should be uint8\[4096\] .*got int8\[4096\]"),
+        (dict(absmax=np.zeros(100, np.uint8)), r"QuantizedTensor.absmax should be uint8\[128\] .*got uint8\[100\]"),
+        (dict(absmax=np.zeros(128, np.float32)), r"QuantizedTensor.absmax should be uint8\[128\] .*got float32"),
+        (dict(offset=None), r"QuantizedTensor.offset must be an array with nested_block_size=256"),
+        (dict(nested_absmax=np.zeros(2, np.float32)), r"nested_absmax should be float32\[1\] .*got float32\[2\]"),
+        (dict(nested_block_size=None), r"QuantizedTensor.nested_absmax must be None with nested_block_size=None"),
+    ],
+)
+def test_inconsistent_quantized_tensor_is_refused_naming_the_field(change, match):
+    """Tampered layouts used to dequantize silently (a halved shape read half the codes) or fail
+    deep inside XLA ("mul got incompatible shapes")."""
+    with pytest.raises(ValueError, match=match):
+        _qt().replace(**change)
+
+
+def test_without_double_quant_absmax_must_be_float32():
+    qt = _qt(dq=False)
+    with pytest.raises(ValueError, match=r"absmax should be float32\[128\] .*got uint8\[128\]"):
+        qt.replace(absmax=np.zeros(128, np.uint8))
+    with pytest.raises(ValueError, match=r"QuantizedTensor.offset must be None with nested_block_size=None"):
+        qt.replace(offset=np.float32(0))
+
+
+def test_consistent_trees_of_a_quantized_tensor_pass():
+    """What jax and orbax build from a valid tensor stays valid: stacked layers (a leading axis on
+    every array), abstract shapes, tracers, shardings and float0 cotangents."""
+    qt = _qt()
+    stacked = jax.tree.map(lambda a: jnp.stack([a, a, a]), qt)
+    assert stacked.packed.shape == (3, 4096) and stacked.absmax.shape == (3, 128)
+    assert jax.eval_shape(lambda q: q, qt).shape == qt.shape
+    assert jax.jit(lambda q: quant.dequantize(q, jnp.float32).sum())(qt).shape == ()
+    jax.tree.map(lambda a: a.nbytes, qt)
+    with pytest.raises(ValueError, match=r"absmax should be uint8\[3, 128\] .*got uint8\[2, 128\]"):
+        stacked.replace(absmax=stacked.absmax[:2])
+
+
+def test_orbax_restore_checks_the_layout(tmp_path):
+    """A checkpoint restored against a tampered abstract tree (halved shape) is refused on restore."""
+    qt = _qt()
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(tmp_path / "ckpt", {"kernel": qt})
+    abstract = jax.eval_shape(lambda: {"kernel": qt})
+    tampered = {
+        "kernel": jax.tree_util.tree_unflatten(jax.tree.structure(abstract["kernel"]), jax.tree.leaves(abstract))
+    }
+    object.__setattr__(tampered["kernel"], "shape", (16, 256))  # bypass the constructor, as a stale cache might
+    with ocp.StandardCheckpointer() as ckpt, pytest.raises(ValueError, match=r"QuantizedTensor.packed should be"):
+        ckpt.restore(tmp_path / "ckpt", tampered)
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [
