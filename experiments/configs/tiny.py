@@ -17,6 +17,7 @@ def get_config():
     c = ml_collections.ConfigDict()
     c.seed = 0  # fixes the base init, adapters, data order and dropout
     c.model_path = ""  # a Hugging Face checkpoint directory; "" = the tiny random LLaMA below
+    c.check_finite = True  # refuse a checkpoint tensor holding NaN/Inf (False: load it anyway)
     c.progress = True  # tqdm bar
 
     c.model = ml_collections.ConfigDict()  # used only without model_path
@@ -33,6 +34,10 @@ def get_config():
     c.quant.block_size = 64
     c.quant.double_quant = True
     c.quant.nested_block_size = 256
+    # linears kept in 16 bits / stored without double quant: module names or dotted parts of them,
+    # e.g. ("layers.3.mlp.down_proj",) — the remedies the loader names for a badly quantizing tensor
+    c.quant.skip_modules = ()
+    c.quant.no_double_quant = ()
 
     c.lora = ml_collections.ConfigDict()
     c.lora.rank = 16

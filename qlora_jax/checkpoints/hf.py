@@ -12,6 +12,7 @@ bitsandbytes load.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pathlib
 
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 
 from qlora_jax import quant
 from qlora_jax.nn.llama import LlamaConfig, LlamaForCausalLM
-from qlora_jax.nn.lora import LORA_LEAVES, LoRAConfig, QuantConfig, init_lora_a, init_lora_b
+from qlora_jax.nn.lora import LORA_LEAVES, LoRAConfig, QuantConfig, hf_module_name, init_lora_a, init_lora_b
 
 # Buffers some transformers versions saved that are recomputed, not loaded.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -34,17 +35,9 @@ _BNB_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 
 def hf_tensor_name(path: tuple[str, ...]) -> str:
     """Our ``"frozen"`` path -> the transformers tensor name."""
-    head, *rest = path
-    if head == "embed_tokens":
-        return "model.embed_tokens.weight"
-    if head == "lm_head":
-        return "lm_head.weight"
-    if head == "norm":
-        return "model.norm.weight"
-    layer = head.split("_")[1]
-    *modules, leaf = rest
-    leaf = "weight" if leaf in ("kernel", "weight") else leaf
-    return ".".join(["model", "layers", layer, *modules, leaf])
+    *modules, leaf = path
+    leaf = "weight" if leaf in ("kernel", "weight", "embedding") else leaf
+    return f"{hf_module_name(tuple(modules))}.{leaf}"
 
 
 class _Tensors:
@@ -89,6 +82,10 @@ class _Tensors:
         with safe_open(self._file(name), "np") as f:
             return f.get_tensor(name)
 
+    def where(self, name: str) -> str:
+        """``file`` of tensor ``name``, for error messages."""
+        return str(self.files.get(name, "?"))
+
 
 def read_config(path) -> tuple[LlamaConfig, dict]:
     """``(LlamaConfig, raw dict)`` from a checkpoint directory's config.json."""
@@ -110,7 +107,10 @@ def bnb_quant_config(raw: dict) -> QuantConfig | None:
         return None
     if not q.get("load_in_4bit"):
         raise ValueError("config.json quantization_config: only bitsandbytes 4-bit (load_in_4bit) is supported")
-    return QuantConfig(q.get("bnb_4bit_quant_type", "fp4"), 64, bool(q.get("bnb_4bit_use_double_quant", False)))
+    skip = tuple(m for m in q.get("llm_int8_skip_modules") or () if m != "lm_head")  # lm_head is never quantized
+    return QuantConfig(
+        q.get("bnb_4bit_quant_type", "fp4"), 64, bool(q.get("bnb_4bit_use_double_quant", False)), skip_modules=skip
+    )
 
 
 def load_pretrained(
@@ -123,6 +123,8 @@ def load_pretrained(
     remat: bool = False,
     impl: str = "auto",
     progress: bool = True,
+    check_finite: bool = True,
+    report_quant_error: bool = True,
 ) -> tuple[LlamaForCausalLM, dict]:
     """Load a LLaMA/Mistral/Qwen2 checkpoint directory as ``(model, {"params", "frozen"})``.
 
@@ -136,10 +138,17 @@ def load_pretrained(
       seed: for the adapter initialisation.
       remat, impl: passed to :class:`LlamaForCausalLM`.
       progress: show a tqdm bar over tensors.
+      check_finite: refuse a tensor holding NaN or ±Inf (for a bitsandbytes checkpoint: a float
+        absmax, nested absmax or offset), naming it, its file and the count. One fused reduction
+        per tensor, on the device. False loads such a checkpoint anyway.
+      report_quant_error: measure each tensor quantized at load (relative MSE against the
+        checkpoint's values) and log a warning for those far above the model's median
+        (:data:`QUANT_ERROR_OUTLIER` times), naming them and the remedy (``QuantConfig``'s
+        ``no_double_quant`` / ``skip_modules``).
 
     Raises:
       ValueError naming the path, key or tensor: not a checkpoint, unsupported config, missing,
-      unexpected or mis-shaped tensors.
+      unexpected, mis-shaped or non-finite tensors.
     """
     root = pathlib.Path(path)
     config, raw = read_config(root)
@@ -155,14 +164,50 @@ def load_pretrained(
     abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
 
     tensors = _Tensors(root)
-    frozen = _load_frozen(tensors, abstract["frozen"], storage, prequant is not None, dtype, progress, root)
+    errors: dict[str, dict] | None = {} if report_quant_error else None
+    frozen = _load_frozen(
+        tensors, abstract["frozen"], storage, prequant is not None, dtype, progress, root, check_finite, errors
+    )
+    if errors:
+        report_quantization_outliers(errors)
     variables = {"frozen": frozen}
     if "params" in abstract:
         variables["params"] = _init_adapters(abstract["params"], lora, seed)
     return model, variables
 
 
-def _load_frozen(tensors, abstract_frozen, storage, prequant, dtype, progress, root):
+QUANT_ERROR_OUTLIER = 10.0  # a tensor quantizing this many times worse than the median is reported
+
+
+@jax.jit
+def _nonfinite_count(x: jax.Array) -> jax.Array:
+    return jnp.sum(~jnp.isfinite(x), dtype=jnp.int32)
+
+
+def _refuse_nonfinite(value, name: str, where: str, count: int) -> None:
+    a = np.asarray(jax.device_get(value)).astype(np.float32)
+    raise ValueError(
+        f"{where}: tensor {name!r} holds {count} non-finite values of {a.size} (NaN: {int(np.isnan(a).sum())}, "
+        f"+Inf: {int(np.isposinf(a).sum())}, -Inf: {int(np.isneginf(a).sum())}); a fine-tune on it would train "
+        "on NaN. Pass check_finite=False (config.check_finite=False) to load it anyway."
+    )
+
+
+def _check_finite(value, name: str, where: str) -> None:
+    count = int(_nonfinite_count(value))
+    if count:
+        _refuse_nonfinite(value, name, where, count)
+
+
+def _check_bnb_finite(qt: quant.QuantizedTensor, name: str, where: str) -> None:
+    """The float block constants of a stored 4-bit tensor (its codes are bytes)."""
+    fields = {"absmax": qt.absmax, "nested_absmax": qt.nested_absmax, "nested_offset": qt.offset}
+    for field, value in fields.items():
+        if value is not None and jnp.issubdtype(value.dtype, jnp.floating):
+            _check_finite(value, f"{name}.{field}", where)
+
+
+def _load_frozen(tensors, abstract_frozen, storage, prequant, dtype, progress, root, check_finite, errors):
     flat = traverse_util.flatten_dict(abstract_frozen)
     used: set[str] = set()
     out = {}
@@ -177,13 +222,24 @@ def _load_frozen(tensors, abstract_frozen, storage, prequant, dtype, progress, r
                 if key.startswith(name + ".") and (key.rsplit(".", 1)[-1] in _BNB_SUFFIXES or ".quant_state." in key):
                     sd[key] = tensors.get(key)
             value = quant.from_bnb_state_dict(sd, prefix=name)
+            if check_finite:
+                _check_bnb_finite(value, name, tensors.where(name))
             used.update(sd)
             got = value.shape
         else:
             got = tensors.shape(name)
             if got == expected:
-                array = tensors.get(name)
-                value = storage.quantize(array, name) if quant.is_quantized(leaf) else jnp.asarray(array, dtype)
+                array = jnp.asarray(tensors.get(name))
+                if quant.is_quantized(leaf):
+                    if check_finite:
+                        _check_finite(array, name, tensors.where(name))
+                    value = storage.for_module(name).quantize(array, name)
+                    if errors is not None:
+                        errors[name] = quant.measure_error(array, value)
+                else:
+                    value = array.astype(dtype)
+                    if check_finite:  # after the cast: a float32 value beyond float16's range is an Inf now
+                        _check_finite(value, name, tensors.where(name))
                 del array  # the full-precision copy goes as soon as it is quantized
             used.add(name)
         if tuple(got) != expected:
@@ -193,6 +249,36 @@ def _load_frozen(tensors, abstract_frozen, storage, prequant, dtype, progress, r
     if unexpected:
         raise ValueError(f"{root}: checkpoint has tensors this model does not use: {unexpected[:10]}")
     return traverse_util.unflatten_dict(out)
+
+
+def report_quantization_outliers(errors: dict[str, dict], ratio: float = QUANT_ERROR_OUTLIER) -> list[str]:
+    """Log a warning for every tensor whose block-wise relative MSE (``block_rel_mse`` of
+    :func:`qlora_jax.quant.measure_error`) is more than ``ratio`` times the median over ``errors``;
+    returns their names.
+
+    With double quantization one block whose absmax is far above the others' (an outlier ~1000x)
+    pulls the mean offset and the 8-bit scale so far that the other blocks' absmax comes back
+    wrong (even negative): that is the format, bitsandbytes' too. The message says whether double
+    quantization is the cause (the error with the exact absmax is normal) and what to do.
+    """
+    finite = {k: v for k, v in errors.items() if np.isfinite(v["block_rel_mse"])}
+    if len(finite) < 3:
+        return []
+    median = float(np.median([v["block_rel_mse"] for v in finite.values()]))
+    flagged = [k for k, v in finite.items() if v["block_rel_mse"] > ratio * median]
+    for name in flagged:
+        e, module = finite[name], name.removesuffix(".weight")
+        remedy = f"keep it in 16 bits (config.quant.skip_modules=({module!r},))"
+        if e["block_rel_mse_exact_absmax"] <= ratio * median:  # the codes are fine; DQ's absmax is not
+            remedy = (
+                f"double quantization causes it (exact absmax: {e['block_rel_mse_exact_absmax']:.3g}); store it "
+                f"without (config.quant.no_double_quant=({module!r},)) or {remedy}"
+            )
+        logging.warning(
+            "%s quantizes with block-wise relative MSE %.3g, %.0fx the median %.3g of %d quantized tensors: %s",
+            name, e["block_rel_mse"], e["block_rel_mse"] / max(median, 1e-30), median, len(finite), remedy,
+        )  # fmt: skip
+    return flagged
 
 
 def _init_adapters(abstract_params: dict, lora: LoRAConfig, seed: int) -> dict:
@@ -221,6 +307,7 @@ def save_pretrained_4bit(path, config_raw: dict, frozen: dict, compute_dtype: st
     root.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, np.ndarray] = {}
     kinds = set()
+    skipped = []  # linears kept in 16 bits: bitsandbytes' llm_int8_skip_modules
     for p, value in traverse_util.flatten_dict(frozen).items():
         name = hf_tensor_name(p)
         if quant.is_quantized(value):
@@ -228,6 +315,8 @@ def save_pretrained_4bit(path, config_raw: dict, frozen: dict, compute_dtype: st
             tensors.update(quant.to_bnb_state_dict(value, prefix=name))
         else:
             tensors[name] = np.asarray(jax.device_get(value))
+            if p[-1] == "kernel" and p[0] != "lm_head":
+                skipped.append(hf_module_name(p[:-1]))
     if len(kinds) != 1:
         raise ValueError(f"save_pretrained_4bit needs every linear quantized alike; found {sorted(kinds)}")
     ((quant_type, double_quant, block_size),) = kinds
@@ -243,7 +332,7 @@ def save_pretrained_4bit(path, config_raw: dict, frozen: dict, compute_dtype: st
         "bnb_4bit_use_double_quant": double_quant,
         "llm_int8_enable_fp32_cpu_offload": False,
         "llm_int8_has_fp16_weight": False,
-        "llm_int8_skip_modules": None,
+        "llm_int8_skip_modules": ["lm_head", *skipped] if skipped else None,
         "llm_int8_threshold": 6.0,
         "load_in_4bit": True,
         "load_in_8bit": False,

@@ -30,14 +30,43 @@ Array = jax.Array
 LORA_LEAVES = ("lora_a", "lora_b")
 
 
+def module_matches(module: str, patterns: tuple[str, ...]) -> bool:
+    """Whether a transformers module name (``model.layers.3.mlp.down_proj``) matches one of
+    ``patterns``: a run of whole dotted components, e.g. ``down_proj``, ``layers.3.mlp.down_proj``
+    or the full name (a trailing ``.weight`` is ignored)."""
+    name = f".{module.removesuffix('.weight')}."
+    return any(f".{p.removesuffix('.weight').strip('.')}." in name for p in patterns if p.strip("."))
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantConfig:
-    """How frozen linear weights are stored: bitsandbytes-style 4-bit block quantization."""
+    """How frozen linear weights are stored: bitsandbytes-style 4-bit block quantization.
+
+    ``skip_modules`` keeps the matching linears in 16 bits (bitsandbytes' ``llm_int8_skip_modules``)
+    and ``no_double_quant`` stores them without double quantization; both take module names or
+    dotted parts of them (:func:`module_matches`). They are the remedies for a tensor the loader
+    reports as quantizing far worse than the rest of the model.
+    """
 
     quant_type: str = "nf4"  # "nf4" | "fp4" | "int4"
     block_size: int = 64
     double_quant: bool = True
     nested_block_size: int = 256
+    skip_modules: tuple[str, ...] = ()
+    no_double_quant: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        for field in ("skip_modules", "no_double_quant"):  # tuples: the config stays hashable for jit
+            value = getattr(self, field)
+            object.__setattr__(self, field, (value,) if isinstance(value, str) else tuple(value))
+
+    def for_module(self, module: str) -> QuantConfig | None:
+        """The storage of the linear ``module`` (a transformers name): None = kept in 16 bits."""
+        if module_matches(module, self.skip_modules):
+            return None
+        if self.double_quant and module_matches(module, self.no_double_quant):
+            return dataclasses.replace(self, double_quant=False)
+        return self
 
     def quantize(self, w, name: str = "weight") -> quant.QuantizedTensor:
         return quant.quantize(w, self.quant_type, self.block_size, self.double_quant, self.nested_block_size, name=name)
@@ -120,7 +149,9 @@ class LoRADense(nn.Module):
 
         def init_kernel():
             w = nn.initializers.normal(0.02)(self.make_rng("params"), (self.features, in_features), jnp.float32)
-            return self.quant.quantize(w, "kernel") if self.quant is not None else w.astype(self.dtype)
+            module = hf_module_name(self.scope.path)
+            storage = self.quant.for_module(module) if self.quant is not None else None
+            return storage.quantize(w, module or "kernel") if storage is not None else w.astype(self.dtype)
 
         kernel = self.variable("frozen", "kernel", init_kernel).value
         # FSDP: the base is stored split over devices; gather this layer's 4-bit bytes (not a
@@ -151,6 +182,16 @@ class LoRADense(nn.Module):
             h = _matmul_t(h, b.astype(self.dtype))  # [..., out]
             y = y + (h.astype(jnp.float32) * cfg.scale).astype(self.dtype)
         return y
+
+
+def hf_module_name(path: tuple[str, ...]) -> str:
+    """Our module path ``("layers_3", "mlp", "down_proj")`` -> transformers' ``model.layers.3.mlp.down_proj``."""
+    if not path:  # a module applied on its own
+        return ""
+    head, *rest = path
+    if head.startswith("layers_"):
+        head = f"layers.{head.removeprefix('layers_')}"
+    return ".".join(["model", head, *rest]) if head != "lm_head" else head
 
 
 def _matmul_t(x: Array, w: Array) -> Array:

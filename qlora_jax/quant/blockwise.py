@@ -42,7 +42,7 @@ def num_blocks(n: int, block_size: int) -> int:
     return -(-n // block_size)
 
 
-def _blocks(flat: jax.Array, block_size: int) -> jax.Array:
+def blocks_of(flat: jax.Array, block_size: int) -> jax.Array:
     """[n] -> [num_blocks, block_size], zero-padded (zeros never change a block's absmax)."""
     n = flat.shape[0]
     nb = num_blocks(n, block_size)
@@ -133,7 +133,7 @@ def quantize_4bit_blocks(x: jax.Array, quant_type: str, block_size: int) -> tupl
     """
     flat = x.reshape(-1).astype(jnp.float32)
     n = flat.shape[0]
-    blocks = _blocks(flat, block_size)
+    blocks = blocks_of(flat, block_size)
     absmax = absmax_of_blocks(blocks)
     scaled = blocks * _reciprocal(absmax)[:, None]
     codes = encode_4bit(scaled, quant_type).reshape(-1)[: n + n % 2]
@@ -159,7 +159,7 @@ def quantize_blockwise_8bit(x: jax.Array, table: np.ndarray, block_size: int) ->
     thresholds = codebooks.exact_midpoint_thresholds(table)
     flat = x.reshape(-1).astype(jnp.float32)
     n = flat.shape[0]
-    blocks = _blocks(flat, block_size)
+    blocks = blocks_of(flat, block_size)
     absmax = absmax_of_blocks(blocks)
     scaled = blocks * _reciprocal(absmax)[:, None]
     codes = jnp.searchsorted(jnp.asarray(thresholds), scaled.reshape(-1), side="left")

@@ -19,7 +19,7 @@ from safetensors.numpy import save_file
 from qlora_jax import quant
 from qlora_jax.checkpoints.hf import hf_tensor_name, save_pretrained_4bit
 from qlora_jax.nn.llama import LlamaConfig, config_to_hf
-from qlora_jax.nn.lora import LoRAConfig, QuantConfig, merged_weight
+from qlora_jax.nn.lora import LoRAConfig, QuantConfig, hf_module_name, merged_weight
 
 
 def peft_tensor_name(path: tuple[str, ...]) -> str:
@@ -86,8 +86,10 @@ def export_quantized(path, config: LlamaConfig, frozen: dict, quant_config: Quan
     """Write the base as a transformers + bitsandbytes 4-bit checkpoint."""
 
     def requantize(p, v):
-        linear = p[-1] == "kernel" and p[0] != "lm_head"
-        return quant_config.quantize(v, ".".join(p)) if linear and not isinstance(v, quant.QuantizedTensor) else v
+        if p[-1] != "kernel" or p[0] == "lm_head" or isinstance(v, quant.QuantizedTensor):
+            return v
+        storage = quant_config.for_module(hf_module_name(p[:-1]))  # None: kept in 16 bits (skip_modules)
+        return v if storage is None else storage.quantize(v, hf_tensor_name(p))
 
     requantized = {p: requantize(p, v) for p, v in traverse_util.flatten_dict(frozen).items()}
     save_pretrained_4bit(path, config_to_hf(config), traverse_util.unflatten_dict(requantized))

@@ -42,7 +42,9 @@ def _quant_config(config) -> QuantConfig | None:
     q = config.quant
     if not q.enabled:
         return None
-    return QuantConfig(q.type, q.block_size, q.double_quant, q.nested_block_size)
+    return QuantConfig(
+        q.type, q.block_size, q.double_quant, q.nested_block_size, tuple(q.skip_modules), tuple(q.no_double_quant)
+    )
 
 
 def _lora_config(config) -> LoRAConfig:
@@ -59,8 +61,9 @@ def build_model(config):
     lora, quant = _lora_config(config), _quant_config(config)
     if config.model_path:
         model, variables = load_pretrained(
-            config.model_path, quant=quant, lora=lora, dtype=dtype, seed=config.seed, remat=config.train.remat
-        )
+            config.model_path, quant=quant, lora=lora, dtype=dtype, seed=config.seed, remat=config.train.remat,
+            check_finite=config.check_finite,
+        )  # fmt: skip
         return model, variables, load_tokenizer(config.model_path), model.config
     tok = ByteTokenizer()
     m = config.model

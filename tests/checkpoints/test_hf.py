@@ -153,3 +153,123 @@ def test_prequantized_checkpoint_rejects_a_different_quant_config():
 def test_fixture_quant_maps_are_canonical():
     stored = load_file(HF / "llama_bnb4bit" / "model.safetensors")
     np.testing.assert_array_equal(stored["model.layers.0.mlp.up_proj.weight.quant_map"], codebooks.NF4)
+
+
+# --- Faults in the checkpoint: non-finite values, badly quantizing tensors ----------------------
+
+
+@pytest.mark.parametrize(
+    "name, bad, quantized",
+    [
+        ("model.layers.1.mlp.up_proj.weight", np.nan, True),  # quantized at load
+        ("model.layers.0.self_attn.q_proj.weight", np.inf, True),
+        ("model.embed_tokens.weight", -np.inf, False),  # kept in 16 bits
+        ("model.norm.weight", np.nan, False),
+    ],
+)
+def test_nonfinite_tensor_is_refused_naming_tensor_file_and_count(tmp_path, name, bad, quantized):
+    d = _copy(tmp_path)
+    tensors = load_file(d / "model.safetensors")
+    t = tensors[name].copy()
+    t.reshape(-1)[[3, 7]] = bad
+    save_file({**tensors, name: t}, str(d / "model.safetensors"))
+    kind = {"nan": "NaN: 2", "inf": r"\+Inf: 2", "-inf": "-Inf: 2"}[str(bad)]
+    match = rf"{d / 'model.safetensors'}: tensor '{name}' holds 2 non-finite values of {t.size} \(.*{kind}"
+    with pytest.raises(ValueError, match=match):
+        load_pretrained(d, quant=QuantConfig() if quantized else None, progress=False)
+    _, v = load_pretrained(d, quant=QuantConfig() if quantized else None, check_finite=False, progress=False)  # opt-out
+    assert v["frozen"]
+
+
+def test_float16_overflow_at_load_is_refused(tmp_path):
+    """A float32 value beyond float16's range turns into Inf when cast: checked after the cast."""
+    d = _copy(tmp_path)
+    tensors = load_file(d / "model.safetensors")
+    t = tensors["model.layers.0.input_layernorm.weight"].copy()
+    t[0] = 1e6
+    save_file({**tensors, "model.layers.0.input_layernorm.weight": t}, str(d / "model.safetensors"))
+    load_pretrained(d, quant=None, dtype=jnp.float32, progress=False)  # finite in float32
+    with pytest.raises(ValueError, match=r"input_layernorm.weight' holds 1 non-finite values .*\+Inf: 1"):
+        load_pretrained(d, quant=None, dtype=jnp.float16, progress=False)
+
+
+@pytest.mark.parametrize("field", ["nested_absmax", "absmax"])
+def test_bnb_checkpoint_with_nonfinite_block_constants_is_refused(tmp_path, field):
+    d = _copy(tmp_path, "llama_bnb4bit")
+    tensors = load_file(d / "model.safetensors")
+    key = "model.layers.1.self_attn.v_proj.weight"
+    if field == "absmax":  # without double quantization the absmax is float32: rewrite that tensor so
+        qt = quant.quantize(np.random.default_rng(0).standard_normal((32, 64)).astype(np.float32), "nf4", 64, False)
+        sd = quant.to_bnb_state_dict(qt, prefix=key)
+        for k in [k for k in tensors if k.startswith(key + ".")]:
+            del tensors[k]
+        tensors.update(sd)
+    a = tensors[f"{key}.{field}"].copy()
+    assert a.dtype == np.float32
+    a[0] = np.nan
+    tensors[f"{key}.{field}"] = a
+    save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"tensor '{key}.{field}' holds 1 non-finite values"):
+        load_pretrained(d, quant=None, progress=False)
+
+
+def _with_outlier(tmp_path, factor=1000.0):
+    """llama_gqa with one element of layer 0's q_proj ([64, 64]: 64 blocks, one nested block) set to
+    ``factor`` times the mean block absmax: double quantization's mean offset and 8-bit scale then
+    turn the other blocks' absmax negative."""
+    d = _copy(tmp_path, "llama_gqa")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    index = json.loads((d / "model.safetensors.index.json").read_text())["weight_map"]
+    shard = d / index[name]
+    tensors = load_file(shard)
+    w = tensors[name].copy()
+    w[1, 3] = factor * np.abs(w).reshape(-1, 64).max(axis=1).mean()
+    save_file({**tensors, name: w}, str(shard), metadata={"format": "pt"})
+    return d, name, w
+
+
+def test_double_quant_outlier_is_reported_with_its_remedy(tmp_path, caplog):
+    d, name, w = _with_outlier(tmp_path)
+    qt = quant.quantize(w, "nf4", 64, True)
+    assert (np.asarray(quant.block_absmax(qt)) < 0).sum() > 32  # the format's failure, kept bnb-exact
+    with caplog.at_level("WARNING"):
+        load_pretrained(d, quant=QuantConfig(), dtype=jnp.float32, progress=False)
+    (msg,) = [r.getMessage() for r in caplog.records if "block-wise relative MSE" in r.getMessage()]
+    err = quant.measure_error(w, qt)["block_rel_mse"]
+    assert msg.startswith(f"{name} quantizes with block-wise relative MSE {err:.3g}")
+    assert "double quantization causes it" in msg
+    assert "config.quant.no_double_quant=('model.layers.0.self_attn.q_proj',)" in msg
+    # both remedies work: no double quant for that tensor, or 16 bits
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        _, v = load_pretrained(d, quant=QuantConfig(no_double_quant=("layers.0.self_attn.q_proj",)), progress=False)
+    assert not [r for r in caplog.records if "block-wise relative MSE" in r.getMessage()]
+    q = v["frozen"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
+    assert not q.double_quant and v["frozen"]["layers_0"]["self_attn"]["k_proj"]["kernel"].double_quant
+    assert quant.measure_error(w, q)["block_rel_mse"] < 0.02
+    _, v = load_pretrained(d, quant=QuantConfig(skip_modules=("layers.0.self_attn.q_proj",)), progress=False)
+    kept = v["frozen"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
+    assert not quant.is_quantized(kept)
+    np.testing.assert_array_equal(np.asarray(kept, np.float32), np.asarray(jnp.asarray(w, jnp.bfloat16), np.float32))
+
+
+def test_a_normal_checkpoint_reports_no_outliers(caplog):
+    with caplog.at_level("WARNING"):
+        load_pretrained(HF / "llama_gqa", quant=QuantConfig(), progress=False)
+    assert not [r for r in caplog.records if "block-wise relative MSE" in r.getMessage()]
+
+
+def test_skip_modules_round_trip_through_the_bitsandbytes_format(tmp_path):
+    """A linear kept in 16 bits is written as a plain tensor listed in llm_int8_skip_modules (as
+    transformers + bitsandbytes write it) and loads back as stored."""
+    cfg = QuantConfig(skip_modules=("layers.1.mlp.down_proj",))
+    _, v = load_pretrained(HF / "llama_gqa", quant=cfg, dtype=jnp.float32, progress=False)
+    save_pretrained_4bit(tmp_path, read_config(HF / "llama_gqa")[1], v["frozen"])
+    raw = json.loads((tmp_path / "config.json").read_text())
+    assert raw["quantization_config"]["llm_int8_skip_modules"] == ["lm_head", "model.layers.1.mlp.down_proj"]
+    _, back = load_pretrained(tmp_path, quant=None, dtype=jnp.float32, progress=False)
+    assert len(_linears(back["frozen"])) == 13
+    np.testing.assert_array_equal(
+        np.asarray(back["frozen"]["layers_1"]["mlp"]["down_proj"]["kernel"]),
+        np.asarray(v["frozen"]["layers_1"]["mlp"]["down_proj"]["kernel"]),
+    )
