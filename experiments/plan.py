@@ -25,9 +25,11 @@ import re
 
 from absl import app, flags
 
+from experiments.configs import tiny
 from qlora_jax import memory
 from qlora_jax.nn import LlamaConfig, LoRAConfig, QuantConfig
 from qlora_jax.quant import bits_per_param
+from qlora_jax.train.validate import ConfigError, validate_config
 
 # LLaMA-1 shapes (Touvron et al. 2023, table 2): (hidden, intermediate, layers, heads).
 BUILTIN = {
@@ -95,17 +97,52 @@ def model_config(name_or_path: str) -> LlamaConfig:
         return LlamaConfig.from_hf(json.load(fp), source=path)
 
 
+# The flags that are fine-tune config keys: the planner accepts exactly what training accepts.
+FLAG_KEYS = {
+    "batch": "train.batch_size", "accum_steps": "train.accum_steps", "rank": "lora.rank", "targets": "lora.targets",
+    "dropout": "lora.dropout", "lora_dtype": "lora.dtype", "quant": "quant.type", "block_size": "quant.block_size",
+    "double_quant": "quant.double_quant", "optimizer": "train.optimizer", "remat": "train.remat",
+    "chunk_bytes": "train.paged_chunk_bytes",
+}  # fmt: skip
+
+
+def training_config(f, chunk_bytes: int | None):
+    """The fine-tune config (``configs/tiny.py`` with the flags' values) this plan is for, checked
+    by :func:`qlora_jax.train.validate.validate_config`; a bad value is named by its flag."""
+    c = tiny.get_config()
+    c.quant.enabled = f.quant != "none"
+    c.train.paged_chunk_bytes = chunk_bytes or 0
+    c.train.optimizer = ("paged_" if f.paged else "") + f.optimizer
+    with c.ignore_type():  # the flags' own types; validate_config judges them
+        if c.quant.enabled:
+            c.quant.type = f.quant
+        c.quant.block_size, c.quant.double_quant = f.block_size, f.double_quant
+        c.lora.rank, c.lora.targets, c.lora.dropout, c.lora.dtype = f.rank, tuple(f.targets), f.dropout, f.lora_dtype
+        c.train.batch_size, c.train.accum_steps, c.train.remat = f.batch, f.accum_steps, f.remat
+    try:
+        validate_config(c)
+    except ConfigError as e:
+        flag = {v: k for k, v in FLAG_KEYS.items()}.get(e.key)
+        if flag is None:
+            raise
+        raise ValueError(f"--{flag}: {e.message} (config.{e.key} of a fine-tune)") from None
+    return c
+
+
 def build_plan(argv_flags=None) -> memory.MemoryPlan:
     f = argv_flags or FLAGS
+    if f.seq_len < 1:  # not a config key: the data's lengths set it in a fine-tune
+        raise ValueError(f"--seq_len must be >= 1 (tokens per sequence); got {f.seq_len}")
+    chunk_bytes = None if f.chunk_bytes.lower() == "none" else parse_bytes(f.chunk_bytes, "chunk_bytes")
+    c = training_config(f, chunk_bytes)
     quant = None
-    if f.quant != "none":
-        quant = QuantConfig(f.quant, f.block_size, f.double_quant)
-    lora = LoRAConfig(rank=f.rank, targets=tuple(f.targets), dropout=f.dropout, dtype=f.lora_dtype)
+    if c.quant.enabled:
+        quant = QuantConfig(c.quant.type, c.quant.block_size, c.quant.double_quant)
+    lora = LoRAConfig(rank=c.lora.rank, targets=tuple(c.lora.targets), dropout=c.lora.dropout, dtype=c.lora.dtype)
     return memory.plan(
-        model_config(f.model), quant, lora, batch=f.batch, seq_len=f.seq_len, mesh=f.mesh, paged=f.paged,
-        remat=f.remat, accum_steps=f.accum_steps, optimizer=f.optimizer, shard_params=f.shard_params,
-        chunk_bytes=None if f.chunk_bytes.lower() == "none" else parse_bytes(f.chunk_bytes, "chunk_bytes"),
-        device_memory=parse_bytes(f.device_memory),
+        model_config(f.model), quant, lora, batch=c.train.batch_size, seq_len=f.seq_len, mesh=f.mesh, paged=f.paged,
+        remat=c.train.remat, accum_steps=c.train.accum_steps, optimizer=f.optimizer, shard_params=f.shard_params,
+        chunk_bytes=chunk_bytes, device_memory=parse_bytes(f.device_memory),
     )  # fmt: skip
 
 

@@ -275,6 +275,14 @@ def test_parse_bytes():
             r"batch=3 does not divide over the mesh's data x fsdp = 2 devices \(batch, mesh\)",
         ),
         (("--mesh=data:2",), "mesh"),
+        # the planner accepts exactly what training accepts (qlora_jax.train.validate)
+        (("--block_size=48",), r"--block_size: must be one of \(32, 64, .*\); got 48 \(config.quant.block_size"),
+        (("--block_size=0",), r"--block_size: must be one of"),
+        (("--rank=0",), r"--rank: must be >= 1 with train.trainable='lora'"),
+        (("--dropout=1.0",), r"--dropout: must be >= 0 and < 1; got 1.0"),
+        (("--accum_steps=0",), r"--accum_steps: must be an integer >= 1"),
+        (("--targets=q_proj,qkv",), r"--targets: names \['qkv'\]"),
+        (("--seq_len=0",), r"--seq_len must be >= 1"),
     ],
 )
 def test_cli_bad_input_names_the_flag(capsys, args, message):

@@ -96,4 +96,5 @@ def get_config():
     c.export = ml_collections.ConfigDict()
     c.export.merged = False  # export/merged: bf16 HF checkpoint with adapters merged
     c.export.quantized = False  # export/quantized: bitsandbytes 4-bit base
+    c.export.again = False  # a finished run: write its exports again (e.g. after turning on export.merged)
     return c

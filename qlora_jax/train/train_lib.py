@@ -34,8 +34,7 @@ from qlora_jax.nn import LlamaConfig, LlamaForCausalLM, LoRAConfig, QuantConfig,
 from qlora_jax.optim import adamw_8bit, paged
 from qlora_jax.train import export
 from qlora_jax.train.steps import TrainState, make_eval_step, make_train_step
-
-OPTIMIZERS = ("paged_adamw", "adamw", "paged_adamw_8bit", "adamw_8bit")
+from qlora_jax.train.validate import validate_config
 
 
 def _quant_config(config) -> QuantConfig | None:
@@ -83,7 +82,7 @@ def build_data(config, tok):
     if d.kind == "synthetic":
         train_ex = make_examples(d.num_train, config.seed, tuple(d.families))
         eval_ex = make_examples(d.num_eval, config.seed + 1, tuple(d.families))
-    elif d.kind == "jsonl":
+    else:  # "jsonl"
         ds = load_jsonl(d.path, d.format, skip_malformed=d.skip_malformed)
         if ds.skipped:
             logging.warning("%s: skipped %d malformed lines", d.path, ds.skipped)
@@ -92,8 +91,6 @@ def build_data(config, tok):
         order = np.random.default_rng(config.seed).permutation(len(examples))
         eval_ex = [examples[i] for i in order[:n_eval]]
         train_ex = [examples[i] for i in order[n_eval:]]
-    else:
-        raise ValueError(f"config.data.kind must be 'synthetic' or 'jsonl'; got {d.kind!r}")
     kw = dict(source_max_len=d.source_max_len, target_max_len=d.target_max_len, skip_empty=d.skip_malformed)
     train, _ = tokenize(train_ex, tok, train_on_source=d.train_on_source, **kw)
     evals, _ = tokenize(eval_ex, tok, **kw)
@@ -106,9 +103,8 @@ def build_data(config, tok):
 
 
 def build_optimizer(config):
+    """``(optimizer, schedule)`` of ``config.train`` (a config :func:`validate_config` accepted)."""
     t = config.train
-    if t.optimizer not in OPTIMIZERS:
-        raise ValueError(f"config.train.optimizer must be one of {OPTIMIZERS}; got {t.optimizer!r}")
     warmup = round(t.warmup_ratio * t.steps)
     after = max(t.steps - warmup, 1)
     decays = {
@@ -116,8 +112,6 @@ def build_optimizer(config):
         "cosine": lambda: optax.cosine_decay_schedule(t.learning_rate, after),
         "linear": lambda: optax.linear_schedule(t.learning_rate, 0.0, after),
     }
-    if t.lr_schedule not in decays:
-        raise ValueError(f"config.train.lr_schedule must be one of {tuple(decays)}; got {t.lr_schedule!r}")
     schedule = optax.join_schedules(
         [optax.linear_schedule(0.0, t.learning_rate, max(warmup, 1)), decays[t.lr_schedule]()], [warmup]
     )
@@ -127,8 +121,6 @@ def build_optimizer(config):
     )
     if not t.optimizer.startswith("paged"):
         return inner, schedule
-    if t.paged_chunk_bytes < 0:
-        raise ValueError(f"config.train.paged_chunk_bytes must be >= 0 (0: one chunk); got {t.paged_chunk_bytes}")
     return paged(inner, min_size=t.paged_min_size, chunk_bytes=t.paged_chunk_bytes or None), schedule
 
 
@@ -168,10 +160,9 @@ def _stop_diverged(ckpt, workdir, what: str):
 def setup(config, mesh):
     """Model, tokenizer, frozen base and train state, placed on ``mesh`` as ``config.sharding`` says.
 
-    Returns ``(model, tokenizer, model_config, frozen, state, tx, schedule)``.
+    ``config`` is one :func:`validate_config` accepted. Returns ``(model, tokenizer, model_config,
+    frozen, state, tx, schedule)``.
     """
-    if config.train.steps < 0:
-        raise ValueError(f"config.train.steps must be >= 0 (0: evaluate only); got {config.train.steps}")
     parallel.check_batch_size(mesh, config.train.batch_size)
     model, variables, tok, model_cfg = build_model(config)
     params, frozen = split_params(variables)
@@ -213,13 +204,6 @@ def jit_train_step(model, tx, schedule, state_shardings, seed: int, collection: 
 
 
 def _full(config) -> bool:
-    if config.train.trainable not in ("lora", "full"):
-        raise ValueError(f"config.train.trainable must be 'lora' or 'full'; got {config.train.trainable!r}")
-    if config.train.trainable == "full" and (config.quant.enabled or config.lora.rank):
-        raise ValueError(
-            "config.train.trainable='full' trains the unquantized base itself: set config.quant.enabled=False and "
-            f"config.lora.rank=0 (got quant.enabled={config.quant.enabled}, lora.rank={config.lora.rank})"
-        )
     return config.train.trainable == "full"
 
 
@@ -243,6 +227,7 @@ def train_and_evaluate(config, workdir) -> dict:
     With several processes (``jax.distributed``) every process runs this with the same config and
     a shared ``workdir``; only process 0 writes logs, samples and exports.
     """
+    validate_config(config)
     workdir = pathlib.Path(workdir)
     chief = _is_chief()
     if chief:
