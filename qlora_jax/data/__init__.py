@@ -1,6 +1,6 @@
 """Data: JSONL instruction formats, tokenizers, a synthetic task set, batching."""
 
-from qlora_jax.data.batching import Batches, Tokenized, collate, tokenize
+from qlora_jax.data.batching import Batches, Tokenized, TokenizeReport, collate, tokenize
 from qlora_jax.data.jsonl import Example, JsonlDataset, load_jsonl
 from qlora_jax.data.synthetic import exact_match, make_examples
 from qlora_jax.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
@@ -11,6 +11,7 @@ __all__ = [
     "Example",
     "HFTokenizer",
     "JsonlDataset",
+    "TokenizeReport",
     "Tokenized",
     "collate",
     "exact_match",

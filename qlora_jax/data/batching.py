@@ -23,6 +23,38 @@ class Tokenized:
     loss_mask: np.ndarray  # [L] bool: which tokens are predicted (as targets of the previous one)
 
 
+@dataclasses.dataclass
+class TokenizeReport:
+    """What :func:`tokenize` cut and skipped: ``examples`` kept, ``skipped`` (empty targets),
+    ``source_cut``/``target_cut`` (examples truncated at ``source_max_len``/``target_max_len``),
+    ``tokens_dropped`` in all, and the first cut source's kept text (``source_kept``)."""
+
+    examples: int = 0
+    skipped: int = 0
+    source_cut: int = 0
+    target_cut: int = 0
+    tokens_dropped: int = 0
+    source_kept: str | None = None
+
+    def warnings(self, split: str, source_max_len: int, target_max_len: int) -> list[str]:
+        """What to tell the user before training; empty when nothing was cut."""
+        out = []
+        if self.target_cut:
+            out.append(
+                f"{split}: {self.target_cut} of {self.examples} targets were cut at data.target_max_len="
+                f"{target_max_len} (their answers lose their end, and the end-of-sequence token): raise it"
+            )
+        if self.source_cut:
+            out.append(
+                f"{split}: {self.source_cut} of {self.examples} sources were cut at data.source_max_len="
+                f"{source_max_len}, losing their end (an Alpaca prompt's instruction and '### Response:'); the "
+                f"first kept only {self.source_kept!r}: raise it"
+            )
+        if out:
+            out.append(f"{split}: {self.tokens_dropped} tokens dropped by truncation in all")
+        return out
+
+
 def tokenize(
     examples: list[Example],
     tokenizer,
@@ -31,24 +63,32 @@ def tokenize(
     target_max_len: int,
     train_on_source: bool = False,
     skip_empty: bool = False,
-) -> tuple[list[Tokenized], int]:
-    """Tokenize examples; returns (tokenized, skipped). An example whose target truncates to
+) -> tuple[list[Tokenized], TokenizeReport]:
+    """Tokenize examples; returns ``(tokenized, report)``. An example whose target truncates to
     nothing raises ``ValueError`` (its index), or is skipped and counted with ``skip_empty``."""
-    out, skipped = [], 0
+    out, report = [], TokenizeReport()
     for i, ex in enumerate(examples):
-        source = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(ex.source)
-        source = source[:source_max_len]
-        target = [*tokenizer.encode(ex.target), tokenizer.eos_id][:target_max_len]
+        full_source = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(ex.source)
+        source = full_source[:source_max_len]
+        full_target = [*tokenizer.encode(ex.target), tokenizer.eos_id]
+        target = full_target[:target_max_len]
         if not ex.target.strip() or target_max_len < 1:
             if not skip_empty:
                 raise ValueError(f"example {i}: empty target after truncation (target_max_len={target_max_len})")
-            skipped += 1
+            report.skipped += 1
             logging.warning("example %d skipped: empty target", i)
             continue
+        if len(source) < len(full_source):
+            report.source_cut += 1
+            if report.source_kept is None:
+                report.source_kept = tokenizer.decode(source)
+        report.target_cut += len(target) < len(full_target)
+        report.tokens_dropped += len(full_source) - len(source) + len(full_target) - len(target)
         ids = np.asarray(source + target, np.int32)
         mask = np.concatenate([np.full(len(source), train_on_source), np.ones(len(target), bool)])
         out.append(Tokenized(ids, mask))
-    return out, skipped
+    report.examples = len(out)
+    return out, report
 
 
 class Batches:

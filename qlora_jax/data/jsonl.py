@@ -8,8 +8,9 @@ Formats (``fmt``):
   including the last ``### Assistant:``, the target is the last assistant turn.
 * ``"text"``: raw ``text``; source empty, target the text (language-model training).
 
-Malformed lines (bad JSON, missing fields, empty target) raise ``ValueError`` naming the file and
-line, unless ``skip_malformed=True``: then they are skipped, counted in ``skipped`` and logged.
+Malformed lines (bytes that are not UTF-8, bad JSON, missing fields, an empty target, an OASST text
+ending with a human turn) raise ``ValueError`` naming the file and line, unless
+``skip_malformed=True``: then they are skipped, counted in ``skipped`` and logged.
 """
 
 from __future__ import annotations
@@ -73,7 +74,10 @@ def _chat(rec: dict) -> Example:
     cut = text.rfind(ASSISTANT)
     if cut < 0:
         raise MalformedRecord(f"OASST 'text' has no {ASSISTANT.strip()!r} turn")
-    return Example(text[: cut + len(ASSISTANT)], text[cut + len(ASSISTANT) :])
+    target = text[cut + len(ASSISTANT) :]
+    if HUMAN.strip() in target:  # the target would hold the human's turn
+        raise MalformedRecord(f"OASST 'text' ends with a {HUMAN.strip()!r} turn after its last assistant answer")
+    return Example(text[: cut + len(ASSISTANT)], target)
 
 
 def _text(rec: dict) -> Example:
@@ -101,11 +105,17 @@ def load_jsonl(path, fmt: str, *, skip_malformed: bool = False) -> JsonlDataset:
         raise ValueError(f"{path}: no such data file")
     parse = _PARSERS[fmt]
     examples, skipped = [], 0
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
             try:
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise MalformedRecord(
+                        f"not UTF-8: byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line"
+                    ) from None
+                if not line.strip():
+                    continue
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError as e:

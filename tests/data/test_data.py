@@ -42,6 +42,23 @@ def test_alpaca_chat_oasst_and_text(tmp_path):
     assert load_jsonl(_write(tmp_path, [{"text": "abc"}]), "text").examples == [Example("", "abc")]
 
 
+def test_non_utf8_line_names_file_and_line_and_can_be_skipped(tmp_path):
+    """It used to fail the whole load with "UnicodeDecodeError ... position 1996" (no file, no line)."""
+    good = json.dumps({"instruction": "ok", "output": "fine"}).encode()
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(good + b"\n" + b'{"instruction": "caf\xe9", "output": "x"}\n' + good + b"\n")
+    with pytest.raises(ValueError, match=r"d\.jsonl:2: not UTF-8: byte 0xe9 at byte 21 of the line"):
+        load_jsonl(path, "alpaca")
+    ds = load_jsonl(path, "alpaca", skip_malformed=True)
+    assert len(ds.examples) == 2 and ds.skipped == 1
+
+
+def test_oasst_text_ending_with_a_human_turn_is_malformed(tmp_path):
+    path = _write(tmp_path, [{"text": "### Human: a### Assistant: b### Human: c"}])
+    with pytest.raises(ValueError, match=r"d\.jsonl:1: OASST 'text' ends with a '### Human:' turn after its last"):
+        load_jsonl(path, "chat")
+
+
 @pytest.mark.parametrize(
     "line,match",
     [
@@ -127,10 +144,32 @@ def test_target_only_loss_mask_and_truncation():
     assert t.loss_mask.all() and list(t.ids)[-1] == tok.eos_id
     with pytest.raises(ValueError, match="example 0: empty target"):
         tokenize([Example("ab", "")], tok, source_max_len=8, target_max_len=8)
-    out, skipped = tokenize(
+    out, report = tokenize(
         [Example("ab", ""), Example("a", "b")], tok, source_max_len=8, target_max_len=8, skip_empty=True
     )
-    assert len(out) == 1 and skipped == 1
+    assert len(out) == 1 and report.skipped == 1
+
+
+def test_truncation_is_counted_and_reported():
+    """An Alpaca prompt cut at source_max_len=32 kept only "Below is an instruction that de", silently."""
+    tok = ByteTokenizer()
+    prompt = ALPACA_PROMPT_NO_INPUT.format(instruction="Reverse the word")
+    examples = [Example(prompt, "drow"), Example("short", "a long answer here"), Example("ok", "ok")]
+    _, report = tokenize(examples, tok, source_max_len=32, target_max_len=8)
+    # BOS + 31 bytes kept of the prompt; 9 bytes + EOS of the answer kept of 19
+    assert (report.examples, report.source_cut, report.target_cut) == (3, 1, 1)
+    assert report.source_kept == prompt[:31] == "Below is an instruction that de"
+    assert report.tokens_dropped == (1 + len(prompt) - 32) + (len("a long answer here") + 1 - 8)
+    warnings = report.warnings("train split", 32, 8)
+    assert warnings[0] == (
+        "train split: 1 of 3 targets were cut at data.target_max_len=8 (their answers lose their end, and the "
+        "end-of-sequence token): raise it"
+    )
+    assert "1 of 3 sources were cut at data.source_max_len=32" in warnings[1]
+    assert "'Below is an instruction that de'" in warnings[1]
+    assert warnings[2] == f"train split: {report.tokens_dropped} tokens dropped by truncation in all"
+    _, clean = tokenize(examples[2:], tok, source_max_len=32, target_max_len=8)
+    assert clean.warnings("eval split", 32, 8) == [] and clean.tokens_dropped == 0
 
 
 def test_batches_are_deterministic_grouped_and_resumable():
