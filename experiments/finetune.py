@@ -13,12 +13,16 @@ Several hosts: start the same command on every host (shared ``--workdir``) with
 spans every host's devices, and only process 0 writes logs and exports.
 """
 
+import warnings
+
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from qlora_jax.parallel import initialize_distributed
 from qlora_jax.train.train_lib import train_and_evaluate
+from qlora_jax.train.validate import ConfigError
+from qlora_jax.train.workdir import CheckpointError, RunConflict, WorkdirBusy
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (experiments/configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and exports.")
@@ -33,7 +37,13 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)  # before any JAX call
-    metrics = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    try:
+        metrics = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except (ConfigError, RunConflict, WorkdirBusy, CheckpointError, FloatingPointError) as e:
+        # what the user must act on: one message, no traceback (everything else keeps its traceback)
+        if isinstance(e, CheckpointError):  # the writes orbax abandoned warn at exit; the message says it all
+            warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
+        raise SystemExit(f"experiments.finetune: {type(e).__name__}: {e}") from None
     logging.info("final metrics: %s", metrics)
     if jax.process_index() == 0:
         print("final:", {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})

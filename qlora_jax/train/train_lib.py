@@ -13,6 +13,7 @@ run would (same metrics, bit for bit, on CPU).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -35,6 +36,7 @@ from qlora_jax.optim import adamw_8bit, paged
 from qlora_jax.train import export
 from qlora_jax.train.steps import TrainState, make_eval_step, make_train_step
 from qlora_jax.train.validate import validate_config
+from qlora_jax.train.workdir import Checkpoints, RunConflict, WorkdirLock, check_resume, save_run_config
 
 
 def _quant_config(config) -> QuantConfig | None:
@@ -92,8 +94,21 @@ def build_data(config, tok):
         eval_ex = [examples[i] for i in order[:n_eval]]
         train_ex = [examples[i] for i in order[n_eval:]]
     kw = dict(source_max_len=d.source_max_len, target_max_len=d.target_max_len, skip_empty=d.skip_malformed)
-    train, _ = tokenize(train_ex, tok, train_on_source=d.train_on_source, **kw)
-    evals, _ = tokenize(eval_ex, tok, **kw)
+    train, train_report = tokenize(train_ex, tok, train_on_source=d.train_on_source, **kw)
+    evals, eval_report = tokenize(eval_ex, tok, **kw)
+    for split, report in (("train split", train_report), ("eval split", eval_report)):
+        for message in report.warnings(split, d.source_max_len, d.target_max_len):
+            logging.warning("%s", message)
+    if d.kind == "jsonl":
+        made = {"train": f"{d.path} less the eval split", "eval": f"10% of {d.path}, at most config.data.num_eval"}
+    else:
+        made = {"train": f"config.data.num_train={d.num_train}", "eval": f"config.data.num_eval={d.num_eval}"}
+    for split, data in (("train", train), ("eval", evals)):
+        if len(data) < config.train.batch_size:
+            raise ValueError(
+                f"{split} split: {len(data)} examples cannot fill a batch of config.train.batch_size="
+                f"{config.train.batch_size} (the split is {made[split]}): give it more examples or lower the batch size"
+            )
     length = d.source_max_len + d.target_max_len
     batches = Batches(
         train, config.train.batch_size, tok.pad_id, seed=config.seed, group_by_length=d.group_by_length, pad_to=length
@@ -149,12 +164,28 @@ def _generate_answers(model, variables, tok, examples, max_new_tokens):
     return answers
 
 
-def _stop_diverged(ckpt, workdir, what: str):
-    ckpt.wait_until_finished()  # the last save must be complete before we report it intact
-    ckpt.close()
-    raise FloatingPointError(
-        f"{what}; stopping. The last checkpoint (step {ckpt.latest_step()}) in {workdir / 'checkpoints'} is intact."
+def check_tokenizer(tok, model_cfg, model_path: str) -> None:
+    """Refuse a tokenizer whose ids index past the model's embedding (they would give NaN losses)."""
+    where = f"{model_path}/config.json vocab_size" if model_path else "config.model"
+    ids = {"vocab_size - 1": tok.vocab_size - 1, "bos": tok.bos_id, "eos": tok.eos_id, "pad": tok.pad_id}
+    over = {k: v for k, v in ids.items() if v is not None and v >= model_cfg.vocab_size}
+    if over:
+        raise ValueError(
+            f"the tokenizer ({model_path or 'byte-level'}) has {tok.vocab_size} ids but the model's embedding has "
+            f"{model_cfg.vocab_size} rows ({where}); ids past it ({over}) would train on garbage and give NaN losses. "
+            "Use the checkpoint's own tokenizer (tokenizer.json beside config.json)."
+        )
+
+
+def _stop_diverged(ckpt, workdir, what: str, checkpoint_every: int):
+    step = ckpt.latest_step()  # saves are synchronous: the latest is complete
+    where = workdir / "checkpoints"
+    kept = (
+        f"The last checkpoint (step {step}) in {where} is intact."
+        if step is not None
+        else f"No checkpoint was written yet (the first is due at step {checkpoint_every}): there is none to resume."
     )
+    raise FloatingPointError(f"{what}; stopping. {kept}")
 
 
 def setup(config, mesh):
@@ -174,6 +205,7 @@ def setup(config, mesh):
                 f"config.train.trainable='full' needs a 16/32-bit base, but config.model_path={config.model_path} "
                 f"stores {len(stored)} weights in 4 bits (a bitsandbytes checkpoint)"
             )
+    check_tokenizer(tok, model_cfg, config.model_path)
     frozen = parallel.place(frozen, parallel.frozen_shardings(frozen, mesh))
     params = parallel.place(
         params, parallel.tree_shardings(params, mesh, config.sharding.params, "config.sharding.params")
@@ -224,59 +256,144 @@ def _is_chief() -> bool:
 def train_and_evaluate(config, workdir) -> dict:
     """Run (or resume) the fine-tune described by ``config`` in ``workdir``; returns the last metrics.
 
+    The config is checked first (:func:`validate_config`); the workdir is then held for this run
+    (:class:`WorkdirLock`), a resume must keep the run's config (:func:`check_resume`), and a
+    finished run only reports its results (``config.export.again`` writes its exports again).
     With several processes (``jax.distributed``) every process runs this with the same config and
-    a shared ``workdir``; only process 0 writes logs, samples and exports.
+    a shared ``workdir``; only process 0 takes the lock and writes logs, samples and exports.
     """
     validate_config(config)
     workdir = pathlib.Path(workdir)
     chief = _is_chief()
-    if chief:
-        workdir.mkdir(parents=True, exist_ok=True)
+    with WorkdirLock(workdir) if chief else contextlib.nullcontext():
+        ckpt = Checkpoints(workdir, chief=chief)
+        try:
+            return _run(config, workdir, ckpt, chief)
+        finally:
+            ckpt.close()
+
+
+def _check_workdir(config, workdir: pathlib.Path, ckpt: Checkpoints) -> dict | None:
+    """Before anything is built: refuse a workdir this config cannot continue; the stored final
+    metrics of a finished run (None: train)."""
     t = config.train
+    steps = ckpt.steps()
+    latest = steps[-1] if steps else None
+    final_file = workdir / "final_metrics.json"
+    at = f" (checkpoint at step {latest})" if latest is not None else ""
+    changes = check_resume(workdir, config, latest is not None or final_file.exists(), at)
+    for key, old, new in changes:
+        logging.info("resuming %s with %s: %r -> %r", workdir, key, old, new)
+        if key == "train.steps" and (
+            t.lr_schedule != "constant" or round(t.warmup_ratio * old) != round(t.warmup_ratio * new)
+        ):
+            logging.warning(
+                "train.steps %d -> %d: the learning-rate schedule (%s, warmup %g) is recomputed for %d steps; the "
+                "resumed steps follow it, not the schedule the run started with", old, new, t.lr_schedule,
+                t.warmup_ratio, new,
+            )  # fmt: skip
+    if t.steps == 0 and latest is not None:  # it would overwrite that run's metrics.jsonl
+        raise RunConflict(
+            f"config.train.steps=0 evaluates a model without training, but --workdir={workdir} holds a run{at}; "
+            "use a new --workdir"
+        )
+    if latest is not None and latest > t.steps:
+        raise RunConflict(
+            f"--workdir={workdir} holds a run trained to step {latest}, beyond config.train.steps={t.steps}: set "
+            f"config.train.steps >= {latest} to continue it"
+        )
+    finished = final_file.exists() and latest == (t.steps or None)
+    if not finished:
+        return None
+    final = json.loads(final_file.read_text())
+    if not config.export.again:
+        logging.warning(
+            "%s: this run finished at step %d; its results are in %s and were left as they are (a larger "
+            "config.train.steps continues it; config.export.again=True writes its exports again)",
+            workdir, t.steps, final_file,
+        )  # fmt: skip
+    return final
+
+
+def _run(config, workdir: pathlib.Path, ckpt: Checkpoints, chief: bool) -> dict:
+    t = config.train
+    final = _check_workdir(config, workdir, ckpt)
+    if final is not None and not config.export.again:
+        return final
+    if chief:
+        save_run_config(workdir, config)
+    resume_step = ckpt.newest_intact()  # before the (slow) model build: a damaged workdir fails fast
     mesh = parallel.make_mesh(config.mesh.to_dict())
     model, tok, model_cfg, frozen, state, tx, schedule = setup(config, mesh)
     batches, eval_batches, eval_examples = build_data(config, tok)
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
 
-    ckpt = ocp.CheckpointManager(
-        (workdir / "checkpoints").absolute(),
-        options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True),
-    )
     metrics_file = workdir / "metrics.jsonl"
     start = 0
-    if t.steps == 0 and ckpt.latest_step() is not None:  # it would overwrite that run's metrics.jsonl
-        ckpt.close()
-        raise ValueError(
-            f"config.train.steps=0 evaluates a model without training, but --workdir={workdir} holds a run "
-            f"(checkpoint at step {ckpt.latest_step()}); use a new --workdir"
-        )
-    if ckpt.latest_step() is not None:
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-        restored = ckpt.restore(
-            ckpt.latest_step(),
-            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()),
-        )
-        state, meta = restored["state"], restored["meta"]
+    if resume_step is not None:
+        state, meta = ckpt.restore(resume_step, jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
         batches.restore(meta["data"])
         start = int(state.step)
         logging.info("resumed from step %d", start)
+    rows = _read_metrics(metrics_file, start) if chief else []
+    last = final or (rows[-1] if rows and rows[-1]["step"] == start and start else {})
     tensorboard = None
-    if chief:
-        # keep only what the restored state had logged; a killed run may have logged further
-        kept = []
-        if metrics_file.exists():
-            kept = [line for line in metrics_file.read_text().splitlines() if json.loads(line)["step"] <= start]
-        metrics_file.write_text("".join(line + "\n" for line in kept))
+    if chief:  # keep only what the restored state had logged; a killed run may have logged further
+        metrics_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
         tensorboard = SummaryWriter(str(workdir / "tensorboard"), purge_step=start + 1)
 
     collection = _collection(config)
-    train_step = jit_train_step(model, tx, schedule, state_shardings, config.seed, collection)
     eval_step = jax.jit(make_eval_step(model, collection))
+    eval_batch_sharding = parallel.batch_sharding(mesh, 2)
+    try:
+        if start < t.steps:
+            train_step = jit_train_step(model, tx, schedule, state_shardings, config.seed, collection)
+            state, last = _train(
+                config, workdir, ckpt, state, frozen, model, tok, (train_step, eval_step), (batches, eval_batches),
+                eval_examples, mesh, start, metrics_file if chief else None, tensorboard,
+            )  # fmt: skip
+        if t.steps == 0:  # evaluation only: the model as built or loaded (e.g. a base in each 4-bit type)
+            with jax.set_mesh(mesh):
+                last = {
+                    "step": 0,
+                    **_evaluate(eval_step, state.params, frozen, eval_batches, eval_batch_sharding, config),
+                }
+            if chief:
+                metrics_file.write_text(json.dumps(last) + "\n")
+    finally:
+        if tensorboard is not None:
+            tensorboard.close()
+    return _finish(config, workdir, model, tok, model_cfg, state, frozen, eval_examples, last, chief, final is None)
+
+
+def _read_metrics(metrics_file: pathlib.Path, upto: int) -> list[dict]:
+    """The rows of ``metrics.jsonl`` up to step ``upto``; a line cut short (a full disk, a kill
+    mid-write) is dropped."""
+    rows = []
+    if metrics_file.exists():
+        for line in metrics_file.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                logging.warning("%s: dropped a partial line %r", metrics_file, line[:80])
+                continue
+            if row["step"] <= upto:
+                rows.append(row)
+    return rows
+
+
+def _train(config, workdir, ckpt, state, frozen, model, tok, steps, data, eval_examples, mesh, start, metrics_file,
+           tensorboard):  # fmt: skip
+    """Steps ``start .. config.train.steps``: log, evaluate and checkpoint; returns ``(state, last metrics)``."""
+    t = config.train
+    train_step, eval_step = steps
+    batches, eval_batches = data
+    collection = _collection(config)
     train_batch_sharding = parallel.batch_sharding(mesh, 3, batch_axis=1)  # [accum, B, T]
     eval_batch_sharding = parallel.batch_sharding(mesh, 2)
     last = {}
     bar = tqdm(
-        range(start, t.steps), initial=start, total=t.steps, desc="train", disable=not (config.progress and chief)
+        range(start, t.steps), initial=start, total=t.steps, desc="train", disable=not (config.progress and _is_chief())
     )
     window_tokens, window_start = 0, time.perf_counter()
     with jax.set_mesh(mesh):
@@ -288,7 +405,9 @@ def train_and_evaluate(config, workdir) -> dict:
             if done % config.log_every == 0 or done == t.steps:
                 m = {k: float(v) for k, v in metrics.items()}
                 if not math.isfinite(m["loss"]):
-                    _stop_diverged(ckpt, workdir, f"non-finite loss {m['loss']} at step {done}")
+                    _stop_diverged(
+                        ckpt, workdir, f"non-finite loss {m['loss']} at step {done}", config.checkpoint_every
+                    )
                 window_tokens += int(m["tokens"])
                 elapsed = time.perf_counter() - window_start
                 m["tokens_per_sec"] = window_tokens / max(elapsed, 1e-9)
@@ -300,16 +419,11 @@ def train_and_evaluate(config, workdir) -> dict:
                     if config.data.kind == "synthetic" and config.num_generate:
                         sample = eval_examples[: config.num_generate]
                         with jax.set_mesh(None):
-                            answers = _generate_answers(
-                                model,
-                                _for_generation(state.params, frozen, collection),
-                                tok,
-                                sample,
-                                config.data.target_max_len,
-                            )
+                            variables = _for_generation(state.params, frozen, collection)
+                            answers = _generate_answers(model, variables, tok, sample, config.data.target_max_len)
                         m["exact_match"] = exact_match(answers, sample)
                 last = {"step": done, **m}
-                if chief:
+                if metrics_file is not None:
                     with metrics_file.open("a") as f:
                         f.write(json.dumps({k: v for k, v in last.items() if k != "tokens_per_sec"}) + "\n")
                     for k, v in m.items():
@@ -318,23 +432,14 @@ def train_and_evaluate(config, workdir) -> dict:
                 window_tokens, window_start = 0, time.perf_counter()
             if done % config.checkpoint_every == 0 or done == t.steps:
                 if not math.isfinite(float(metrics["loss"])):  # never checkpoint a diverged state
-                    _stop_diverged(ckpt, workdir, f"non-finite loss at step {done}")
-                ckpt.save(
-                    done,
-                    args=ocp.args.Composite(
-                        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({"data": batches.state()})
-                    ),
-                )
-    if t.steps == 0:  # evaluation only: the model as built or loaded (e.g. a base in each 4-bit type)
-        with jax.set_mesh(mesh):
-            last = {"step": 0, **_evaluate(eval_step, state.params, frozen, eval_batches, eval_batch_sharding, config)}
-        if chief:
-            metrics_file.write_text(json.dumps(last) + "\n")
-    ckpt.wait_until_finished()
-    ckpt.close()
-    if tensorboard is not None:
-        tensorboard.close()
+                    _stop_diverged(ckpt, workdir, f"non-finite loss at step {done}", config.checkpoint_every)
+                ckpt.save(done, state, {"data": batches.state()})
+    return state, last
 
+
+def _finish(config, workdir, model, tok, model_cfg, state, frozen, eval_examples, last, chief, write_final) -> dict:
+    """Greedy samples and the exports; ``final_metrics.json`` unless the run had finished before."""
+    collection = _collection(config)
     lora = _lora_config(config)
     params_host = parallel.to_host(state.params)  # collective: every process takes part
     needs_base = not _full(config) and (not config.model_path or config.export.merged or config.export.quantized)
@@ -365,7 +470,8 @@ def train_and_evaluate(config, workdir) -> dict:
         if config.export.quantized and _quant_config(config) is not None:
             export.export_quantized(out / "quantized", model_cfg, base, _quant_config(config))
             _save_tokenizer(tok, out / "quantized")
-        (workdir / "final_metrics.json").write_text(json.dumps(last, indent=2) + "\n")
+        if write_final:
+            (workdir / "final_metrics.json").write_text(json.dumps(last, indent=2) + "\n")
     return last
 
 

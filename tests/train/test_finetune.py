@@ -9,46 +9,16 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
+from finetune_cli import ROOT, SMALL
+from finetune_cli import cmd as _cmd
+from finetune_cli import metrics as _metrics
+from finetune_cli import run as _run
 from safetensors.numpy import load_file
 
-ROOT = Path(__file__).resolve().parents[2]
 PEFT_FIXTURE = ROOT / "tests" / "fixtures" / "peft" / "llama_gqa_r4"
-SMALL = [
-    "--config.model.hidden_size=64",
-    "--config.model.intermediate_size=128",
-    "--config.model.num_hidden_layers=1",
-    "--config.data.num_train=32",
-    "--config.data.num_eval=16",
-    "--config.data.source_max_len=24",
-    "--config.data.target_max_len=8",
-    "--config.train.batch_size=8",
-    "--config.train.learning_rate=0.01",
-    "--config.log_every=1",
-    "--config.eval_every=10",
-    "--config.eval_batches=1",
-    "--config.num_generate=2",
-    "--config.progress=False",
-]
-
-
-def _cmd(workdir, *extra):
-    return [
-        sys.executable, "-m", "experiments.finetune", "--config=experiments/configs/tiny.py",
-        f"--workdir={workdir}", *SMALL, *extra,
-    ]  # fmt: skip
-
-
-def _run(workdir, *extra, check=True):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    return subprocess.run(_cmd(workdir, *extra), cwd=ROOT, env=env, capture_output=True, text=True, check=check)
-
-
-def _metrics(workdir):
-    return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -240,3 +210,51 @@ def test_full_parameter_training_refuses_a_4bit_checkpoint(tmp_path):
     # two layers x seven linears stored as bitsandbytes NF4
     with pytest.raises(ValueError, match=rf"16/32-bit base, but config.model_path={model_path} stores 14 weights"):
         train_lib.setup(c, mesh)
+
+
+def test_a_tokenizer_with_ids_past_the_vocab_is_refused_at_setup(tmp_path):
+    """259 byte-tokenizer ids on a 256-row embedding used to show only as "non-finite loss nan at step 2"."""
+    from experiments.configs import tiny
+    from qlora_jax import parallel
+    from qlora_jax.data import ByteTokenizer
+    from qlora_jax.train import train_lib
+
+    model_path = tmp_path / "ckpt"
+    shutil.copytree(ROOT / "tests" / "fixtures" / "hf" / "llama_gqa", model_path)
+    ByteTokenizer().save(model_path)  # 259 ids
+    c = tiny.get_config()
+    c.model_path = str(model_path)
+    with pytest.raises(
+        ValueError, match=r"has 259 ids but the model's embedding has 256 rows \(.*config.json vocab_size"
+    ):
+        train_lib.setup(c, parallel.make_mesh({"data": -1, "fsdp": 1}))
+
+
+def test_a_split_too_small_for_a_batch_is_named_with_what_to_change(tmp_path):
+    from experiments.configs import tiny
+    from qlora_jax.data import ByteTokenizer
+    from qlora_jax.train import train_lib
+
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"instruction": f"say {i}", "output": str(i)}) + "\n" for i in range(30)))
+    c = tiny.get_config()
+    c.data.kind, c.data.path, c.train.batch_size = "jsonl", str(path), 4
+    with pytest.raises(
+        ValueError, match=r"eval split: 3 examples cannot fill a batch of config.train.batch_size=4 \(the"
+    ):
+        train_lib.build_data(c, ByteTokenizer())
+
+
+def test_a_nan_stop_before_the_first_checkpoint_says_there_is_none(tmp_path):
+    """It said "The last checkpoint (step None) ... is intact"."""
+    from qlora_jax.train import train_lib
+    from qlora_jax.train.workdir import Checkpoints
+
+    ckpt = Checkpoints(tmp_path)
+    with pytest.raises(FloatingPointError) as e:
+        train_lib._stop_diverged(ckpt, tmp_path, "non-finite loss nan at step 2", checkpoint_every=10)
+    ckpt.close()
+    assert str(e.value) == (
+        "non-finite loss nan at step 2; stopping. No checkpoint was written yet (the first is due at step 10): "
+        "there is none to resume."
+    )
