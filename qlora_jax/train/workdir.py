@@ -92,7 +92,10 @@ class WorkdirLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):  # e.g. ENOLCK: a filesystem without locks
+                logging.warning("%s: no flock here (%s); relying on the pid record alone", self.path, _os_error(e))
+                return self._take(fd, flocked=False)
             os.close(fd)
             h = self._holder()
             raise WorkdirBusy(
@@ -100,9 +103,18 @@ class WorkdirLock:
                 f"{h.get('host', '?')}, started {h.get('started', '?')} ({self.path}). Wait for it to finish or "
                 "stop it, or use another --workdir."
             ) from None
+        return self._take(fd, flocked=True)
+
+    def _take(self, fd: int, flocked: bool) -> WorkdirLock:
         held = self._holder()
         host = socket.gethostname()
         if held.get("pid") and held.get("pid") != os.getpid():
+            if not flocked and held.get("host") == host and _pid_alive(int(held["pid"])):
+                os.close(fd)
+                raise WorkdirBusy(
+                    f"--workdir={self.workdir} is in use by another run: pid {held['pid']} on host {host}, started "
+                    f"{held.get('started')} ({self.path})"
+                )
             if held.get("host") != host:  # flock may not span hosts on a shared filesystem: don't guess
                 os.close(fd)
                 raise WorkdirBusy(
@@ -125,7 +137,8 @@ class WorkdirLock:
     def __exit__(self, *exc) -> None:
         if self._fd is not None:
             os.ftruncate(self._fd, 0)  # never unlink: another process may be waiting on this inode
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            with contextlib.suppress(OSError):  # not locked where the filesystem has no flock
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
 
