@@ -7,18 +7,22 @@ and TensorBoard event files (``workdir/tensorboard``), evaluate every ``eval_eve
 checkpoint with orbax every ``checkpoint_every`` steps (adapters, optimizer state, step, data
 position; the RNG is a function of the step), and export
 PEFT adapters (plus the base, and optionally merged / 4-bit checkpoints) at the end. Re-running
-the same command resumes from the latest checkpoint and continues exactly as an uninterrupted
-run would (same metrics, bit for bit, on CPU).
+the same command resumes from the latest intact checkpoint and continues exactly as an
+uninterrupted run would (same metrics, bit for bit, on CPU). The config is checked once at the
+start (:mod:`qlora_jax.train.validate`); the workdir's lock, the resume's config check and the
+verified checkpoints are :mod:`qlora_jax.train.workdir`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
 import pathlib
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -315,6 +319,39 @@ def _check_workdir(config, workdir: pathlib.Path, ckpt: Checkpoints) -> dict | N
     return final
 
 
+@dataclasses.dataclass
+class _Run:
+    """What one run's steps, evaluations and exports share (built by :func:`_run`)."""
+
+    config: Any
+    workdir: pathlib.Path
+    ckpt: Checkpoints
+    chief: bool
+    mesh: Any
+    model: Any
+    tok: Any
+    model_cfg: Any
+    frozen: dict
+    batches: Batches
+    eval_batches: Batches
+    eval_examples: list
+    eval_step: Any
+    metrics_file: pathlib.Path
+    tensorboard: Any = None
+
+    @property
+    def collection(self) -> str:
+        return _collection(self.config)
+
+    def evaluate(self, params) -> dict:
+        sharding = parallel.batch_sharding(self.mesh, 2)
+        return _evaluate(self.eval_step, params, self.frozen, self.eval_batches, sharding, self.config)
+
+    def generate(self, params, examples) -> list[str]:
+        variables = _for_generation(params, self.frozen, self.collection)
+        return _generate_answers(self.model, variables, self.tok, examples, self.config.data.target_max_len)
+
+
 def _run(config, workdir: pathlib.Path, ckpt: Checkpoints, chief: bool) -> dict:
     t = config.train
     final = _check_workdir(config, workdir, ckpt)
@@ -327,43 +364,36 @@ def _run(config, workdir: pathlib.Path, ckpt: Checkpoints, chief: bool) -> dict:
     model, tok, model_cfg, frozen, state, tx, schedule = setup(config, mesh)
     batches, eval_batches, eval_examples = build_data(config, tok)
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    run = _Run(
+        config, workdir, ckpt, chief, mesh, model, tok, model_cfg, frozen, batches, eval_batches, eval_examples,
+        jax.jit(make_eval_step(model, _collection(config))), workdir / "metrics.jsonl",
+    )  # fmt: skip
 
-    metrics_file = workdir / "metrics.jsonl"
     start = 0
     if resume_step is not None:
         state, meta = ckpt.restore(resume_step, jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
         batches.restore(meta["data"])
         start = int(state.step)
         logging.info("resumed from step %d", start)
-    rows = _read_metrics(metrics_file, start) if chief else []
-    last = final or (rows[-1] if rows and rows[-1]["step"] == start and start else {})
-    tensorboard = None
+    rows = _read_metrics(run.metrics_file, start) if chief else []
+    # a run killed after its last checkpoint (during the exports) has its final row logged already
+    last = final or (rows[-1] if start and rows and rows[-1]["step"] == start else {})
     if chief:  # keep only what the restored state had logged; a killed run may have logged further
-        metrics_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        tensorboard = SummaryWriter(str(workdir / "tensorboard"), purge_step=start + 1)
-
-    collection = _collection(config)
-    eval_step = jax.jit(make_eval_step(model, collection))
-    eval_batch_sharding = parallel.batch_sharding(mesh, 2)
+        run.metrics_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        run.tensorboard = SummaryWriter(str(workdir / "tensorboard"), purge_step=start + 1)
     try:
         if start < t.steps:
-            train_step = jit_train_step(model, tx, schedule, state_shardings, config.seed, collection)
-            state, last = _train(
-                config, workdir, ckpt, state, frozen, model, tok, (train_step, eval_step), (batches, eval_batches),
-                eval_examples, mesh, start, metrics_file if chief else None, tensorboard,
-            )  # fmt: skip
-        if t.steps == 0:  # evaluation only: the model as built or loaded (e.g. a base in each 4-bit type)
+            train_step = jit_train_step(model, tx, schedule, state_shardings, config.seed, run.collection)
+            state, last = _train(run, train_step, state, start)
+        if t.steps == 0 and final is None:  # evaluation only: the model as built or loaded
             with jax.set_mesh(mesh):
-                last = {
-                    "step": 0,
-                    **_evaluate(eval_step, state.params, frozen, eval_batches, eval_batch_sharding, config),
-                }
+                last = {"step": 0, **run.evaluate(state.params)}
             if chief:
-                metrics_file.write_text(json.dumps(last) + "\n")
+                run.metrics_file.write_text(json.dumps(last) + "\n")
     finally:
-        if tensorboard is not None:
-            tensorboard.close()
-    return _finish(config, workdir, model, tok, model_cfg, state, frozen, eval_examples, last, chief, final is None)
+        if run.tensorboard is not None:
+            run.tensorboard.close()
+    return _finish(run, state, last, write_final=final is None)
 
 
 def _read_metrics(metrics_file: pathlib.Path, upto: int) -> list[dict]:
@@ -382,31 +412,27 @@ def _read_metrics(metrics_file: pathlib.Path, upto: int) -> list[dict]:
     return rows
 
 
-def _train(config, workdir, ckpt, state, frozen, model, tok, steps, data, eval_examples, mesh, start, metrics_file,
-           tensorboard):  # fmt: skip
+def _train(run: _Run, train_step, state, start: int):
     """Steps ``start .. config.train.steps``: log, evaluate and checkpoint; returns ``(state, last metrics)``."""
+    config = run.config
     t = config.train
-    train_step, eval_step = steps
-    batches, eval_batches = data
-    collection = _collection(config)
-    train_batch_sharding = parallel.batch_sharding(mesh, 3, batch_axis=1)  # [accum, B, T]
-    eval_batch_sharding = parallel.batch_sharding(mesh, 2)
+    train_batch_sharding = parallel.batch_sharding(run.mesh, 3, batch_axis=1)  # [accum, B, T]
     last = {}
     bar = tqdm(
-        range(start, t.steps), initial=start, total=t.steps, desc="train", disable=not (config.progress and _is_chief())
+        range(start, t.steps), initial=start, total=t.steps, desc="train", disable=not (config.progress and run.chief)
     )
     window_tokens, window_start = 0, time.perf_counter()
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(run.mesh):
         for step in bar:
-            micro = [next(batches) for _ in range(t.accum_steps)]
+            micro = [next(run.batches) for _ in range(t.accum_steps)]
             batch = parallel.global_batch({k: np.stack([m[k] for m in micro]) for k in micro[0]}, train_batch_sharding)
-            state, metrics = train_step(state, frozen, batch)
+            state, metrics = train_step(state, run.frozen, batch)
             done = step + 1
             if done % config.log_every == 0 or done == t.steps:
                 m = {k: float(v) for k, v in metrics.items()}
                 if not math.isfinite(m["loss"]):
                     _stop_diverged(
-                        ckpt, workdir, f"non-finite loss {m['loss']} at step {done}", config.checkpoint_every
+                        run.ckpt, run.workdir, f"non-finite loss {m['loss']} at step {done}", config.checkpoint_every
                     )
                 window_tokens += int(m["tokens"])
                 elapsed = time.perf_counter() - window_start
@@ -415,46 +441,42 @@ def _train(config, workdir, ckpt, state, frozen, model, tok, steps, data, eval_e
                 if "bytes_in_use" in stats:
                     m["device_bytes_in_use"] = stats["bytes_in_use"]
                 if done % config.eval_every == 0 or done == t.steps:
-                    m.update(_evaluate(eval_step, state.params, frozen, eval_batches, eval_batch_sharding, config))
+                    m.update(run.evaluate(state.params))
                     if config.data.kind == "synthetic" and config.num_generate:
-                        sample = eval_examples[: config.num_generate]
+                        sample = run.eval_examples[: config.num_generate]
                         with jax.set_mesh(None):
-                            variables = _for_generation(state.params, frozen, collection)
-                            answers = _generate_answers(model, variables, tok, sample, config.data.target_max_len)
-                        m["exact_match"] = exact_match(answers, sample)
+                            m["exact_match"] = exact_match(run.generate(state.params, sample), sample)
                 last = {"step": done, **m}
-                if metrics_file is not None:
-                    with metrics_file.open("a") as f:
+                if run.chief:
+                    with run.metrics_file.open("a") as f:
                         f.write(json.dumps({k: v for k, v in last.items() if k != "tokens_per_sec"}) + "\n")
                     for k, v in m.items():
-                        tensorboard.add_scalar(k, v, done)
+                        run.tensorboard.add_scalar(k, v, done)
                 bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{m['tokens_per_sec']:.0f}")
                 window_tokens, window_start = 0, time.perf_counter()
             if done % config.checkpoint_every == 0 or done == t.steps:
                 if not math.isfinite(float(metrics["loss"])):  # never checkpoint a diverged state
-                    _stop_diverged(ckpt, workdir, f"non-finite loss at step {done}", config.checkpoint_every)
-                ckpt.save(done, state, {"data": batches.state()})
+                    _stop_diverged(run.ckpt, run.workdir, f"non-finite loss at step {done}", config.checkpoint_every)
+                run.ckpt.save(done, state, {"data": run.batches.state()})
     return state, last
 
 
-def _finish(config, workdir, model, tok, model_cfg, state, frozen, eval_examples, last, chief, write_final) -> dict:
+def _finish(run: _Run, state, last: dict, write_final: bool) -> dict:
     """Greedy samples and the exports; ``final_metrics.json`` unless the run had finished before."""
-    collection = _collection(config)
+    config, workdir, model_cfg, tok = run.config, run.workdir, run.model_cfg, run.tok
     lora = _lora_config(config)
     params_host = parallel.to_host(state.params)  # collective: every process takes part
     needs_base = not _full(config) and (not config.model_path or config.export.merged or config.export.quantized)
-    base = parallel.to_host(frozen["frozen"]) if needs_base else None
+    base = parallel.to_host(run.frozen["frozen"]) if needs_base else None
     if config.data.kind == "synthetic" and config.num_generate:
-        sample = eval_examples[: config.num_generate]
-        answers = _generate_answers(
-            model, _for_generation(state.params, frozen, collection), tok, sample, config.data.target_max_len
-        )
+        sample = run.eval_examples[: config.num_generate]
+        answers = run.generate(state.params, sample)
         last["exact_match"] = exact_match(answers, sample)
-        if chief:
+        if run.chief:
             with (workdir / "samples.jsonl").open("w") as f:
                 for e, a in zip(sample, answers, strict=True):
                     f.write(json.dumps({"source": e.source, "target": e.target, "generated": a}) + "\n")
-    if chief:
+    if run.chief:
         out = workdir / "export"
         if _full(config):  # the trained model itself: usable as another run's config.model_path
             export.export_hf(out / "model", model_cfg, params_host)
