@@ -79,7 +79,9 @@ def build_model(config):
         bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
     )  # fmt: skip
     model = LlamaForCausalLM(cfg, lora=lora, quant=quant, dtype=dtype, remat=config.train.remat)
-    variables = model.init(jax.random.key(config.seed), jnp.ones((1, 8), jnp.int32))
+    # one compilation instead of one per op and per quantized weight: 2.1 s vs 5.5 s for the tests'
+    # 1-layer model on the 2-core machine, the same values bit for bit
+    variables = jax.jit(model.init)(jax.random.key(config.seed), jnp.ones((1, 8), jnp.int32))
     return model, variables, tok, cfg
 
 

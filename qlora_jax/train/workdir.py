@@ -202,26 +202,36 @@ def _os_error(e: BaseException) -> str:
     return str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
 
 
+class _HoldOrbaxErrors(logging.Filter):
+    """Keeps orbax's ERROR records (a traceback per failing write thread) in ``held`` instead of the log;
+    with ``about``, only those whose message names that path."""
+
+    def __init__(self, held: list, about: str | None = None):
+        super().__init__()
+        self.held, self.about = held, about
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR or f"{os.sep}orbax{os.sep}" not in record.pathname:
+            return True
+        if self.about is not None and self.about not in record.getMessage():
+            return True
+        self.held.append(record)
+        return False
+
+
+_LOGGERS = ("absl", "")  # orbax logs through absl; "" is the root logger
+
+
 @contextlib.contextmanager
 def _held_orbax_errors(held: list):
-    """Keep orbax's ERROR records (a traceback per failing write thread) in ``held`` instead of the log."""
-
-    class Hold(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            if record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname:
-                held.append(record)
-                return False
-            return True
-
-    loggers = [logging.getLogger("absl"), logging.getLogger()]
-    hold = Hold()
-    for lg in loggers:
-        lg.addFilter(hold)
+    hold = _HoldOrbaxErrors(held)
+    for name in _LOGGERS:
+        logging.getLogger(name).addFilter(hold)
     try:
         yield
     finally:
-        for lg in loggers:
-            lg.removeFilter(hold)
+        for name in _LOGGERS:
+            logging.getLogger(name).removeFilter(hold)
 
 
 class Checkpoints:
@@ -337,6 +347,10 @@ class Checkpoints:
                 if self.chief:
                     self._write_manifest(step)
         except Exception as e:
+            # writer threads of the failed save may still report it after this returns: keep those out too
+            late = _HoldOrbaxErrors(held, about=f"{self.directory}{os.sep}{step}.orbax-checkpoint-tmp")
+            for name in _LOGGERS:
+                logging.getLogger(name).addFilter(late)
             self._remove_partial(step)
             last = [s for s in self.steps() if s != step]
             kept = f"the last intact checkpoint is step {last[-1]}" if last else "no checkpoint has been written yet"

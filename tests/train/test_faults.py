@@ -119,6 +119,12 @@ def test_rerunning_a_finished_run_says_so_and_keeps_its_results(short_run, tmp_p
 # --- failed checkpoint writes stop the run at once, and nothing is lost ----------------------------
 
 
+def _our_messages(stderr: str) -> list[str]:
+    """The entry point's own error lines. tensorstore's writer threads may still print "Event loop is
+    closed" tracebacks of the abandoned writes around them (C++ callbacks, outside Python logging)."""
+    return [line for line in stderr.splitlines() if line.startswith("experiments.finetune:")]
+
+
 def _with_file_size_limit(limit: int, command: list[str]) -> list[str]:
     """``command`` run with RLIMIT_FSIZE = ``limit`` bytes (set in the child itself: no preexec_fn
     forking out of this threaded test process)."""
@@ -138,9 +144,11 @@ def test_a_full_disk_at_a_save_stops_the_run_with_one_message(short_run, tmp_pat
         capture_output=True, text=True, timeout=180,
     )  # fmt: skip
     assert result.returncode != 0
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"experiments.finetune: CheckpointError: saving checkpoint step 2 to {tmp_path}/checkpoints")
-    assert "[Errno 27] File too large" in last and "no checkpoint has been written yet" in last
+    (message,) = _our_messages(result.stderr)
+    assert message.startswith(f"experiments.finetune: CheckpointError: saving checkpoint step 2 to {tmp_path}/checkp")
+    assert "[Errno 27] File too large" in message and "no checkpoint has been written yet" in message
+    assert "orbax" not in result.stderr.replace(message, "")  # its tracebacks went to checkpoint_error.log
+    assert "Error writing" in (tmp_path / "checkpoint_error.log").read_text()
     assert list((tmp_path / "checkpoints").iterdir()) == []  # nothing partial for a resume to pick
     run(tmp_path, *SHORT)  # space again: the same command finishes the run as if nothing happened
     assert metrics(tmp_path) == metrics(short_run)
@@ -174,9 +182,9 @@ def test_a_read_only_checkpoint_directory_stops_the_run_at_once_without_hanging(
         capture_output=True, text=True, timeout=180,
     )  # fmt: skip
     assert result.returncode != 0 and time.monotonic() - began < 120
-    last = result.stderr.strip().splitlines()[-1]
-    assert f"saving checkpoint step 6 to {workdir}/checkpoints failed: [Errno 30] Read-only file system" in last
-    assert "the last intact checkpoint is step 4" in last
+    (message,) = _our_messages(result.stderr)
+    assert f"saving checkpoint step 6 to {workdir}/checkpoints failed: [Errno 30] Read-only file system" in message
+    assert "the last intact checkpoint is step 4" in message
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4"]
     run(workdir, *extra)  # writable again: the same command resumes
     rows = metrics(workdir)
