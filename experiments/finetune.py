@@ -22,7 +22,7 @@ from ml_collections import config_flags
 from qlora_jax.parallel import initialize_distributed
 from qlora_jax.train.train_lib import train_and_evaluate
 from qlora_jax.train.validate import ConfigError
-from qlora_jax.train.workdir import CheckpointError, RunConflict, WorkdirBusy
+from qlora_jax.train.workdir import CheckpointError, RunConflict, WorkdirBusy, WorkdirWriteError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (experiments/configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and exports.")
@@ -39,7 +39,7 @@ def main(argv):
     initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)  # before any JAX call
     try:
         metrics = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except (ConfigError, RunConflict, WorkdirBusy, CheckpointError, FloatingPointError) as e:
+    except (ConfigError, RunConflict, WorkdirBusy, CheckpointError, WorkdirWriteError, FloatingPointError) as e:
         # what the user must act on: one message, no traceback (everything else keeps its traceback)
         if isinstance(e, CheckpointError):  # the writes orbax abandoned warn at exit; the message says it all
             warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)

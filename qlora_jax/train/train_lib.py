@@ -40,7 +40,14 @@ from qlora_jax.optim import adamw_8bit, paged
 from qlora_jax.train import export
 from qlora_jax.train.steps import TrainState, make_eval_step, make_train_step
 from qlora_jax.train.validate import validate_config
-from qlora_jax.train.workdir import Checkpoints, RunConflict, WorkdirLock, check_resume, save_run_config
+from qlora_jax.train.workdir import (
+    Checkpoints,
+    RunConflict,
+    WorkdirLock,
+    check_resume,
+    save_run_config,
+    write_failed,
+)
 
 
 def _quant_config(config) -> QuantConfig | None:
@@ -360,7 +367,10 @@ def _run(config, workdir: pathlib.Path, ckpt: Checkpoints, chief: bool) -> dict:
     if final is not None and not config.export.again:
         return final
     if chief:
-        save_run_config(workdir, config)
+        try:
+            save_run_config(workdir, config)
+        except OSError as e:
+            raise write_failed(workdir / "run_config.json", e, ckpt) from e
     resume_step = ckpt.newest_intact()  # before the (slow) model build: a damaged workdir fails fast
     mesh = parallel.make_mesh(config.mesh.to_dict())
     model, tok, model_cfg, frozen, state, tx, schedule = setup(config, mesh)
@@ -394,7 +404,10 @@ def _run(config, workdir: pathlib.Path, ckpt: Checkpoints, chief: bool) -> dict:
                 run.metrics_file.write_text(json.dumps(last) + "\n")
     finally:
         if run.tensorboard is not None:
-            run.tensorboard.close()
+            try:
+                run.tensorboard.close()
+            except OSError as e:  # a full disk: keep the error that stopped the run, if any, in front
+                logging.warning("%s: the TensorBoard event file could not be written: %s", workdir, e)
     return _finish(run, state, last, write_final=final is None)
 
 
@@ -450,8 +463,11 @@ def _train(run: _Run, train_step, state, start: int):
                             m["exact_match"] = exact_match(run.generate(state.params, sample), sample)
                 last = {"step": done, **m}
                 if run.chief:
-                    with run.metrics_file.open("a") as f:
-                        f.write(json.dumps({k: v for k, v in last.items() if k != "tokens_per_sec"}) + "\n")
+                    try:
+                        with run.metrics_file.open("a") as f:
+                            f.write(json.dumps({k: v for k, v in last.items() if k != "tokens_per_sec"}) + "\n")
+                    except OSError as e:
+                        raise write_failed(run.metrics_file, e, run.ckpt) from e
                     for k, v in m.items():
                         run.tensorboard.add_scalar(k, v, done)
                 bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{m['tokens_per_sec']:.0f}")

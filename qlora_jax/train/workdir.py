@@ -50,17 +50,34 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be written or none can be restored."""
 
 
+class WorkdirWriteError(RuntimeError):
+    """A log file of the run (``metrics.jsonl``) could not be written."""
+
+
+def write_failed(path, error: OSError, ckpt: Checkpoints) -> WorkdirWriteError:
+    """The error for a failed write of ``path`` during a run: the OS error and where to resume."""
+    step = ckpt.latest_step()
+    kept = f"the last intact checkpoint is step {step}" if step is not None else "no checkpoint has been written yet"
+    return WorkdirWriteError(
+        f"writing {path} failed: {_os_error(error)}; {kept}. Free space and re-run the same command to resume "
+        "(a line cut short is dropped)."
+    )
+
+
 class RunConflict(ValueError):
     """The workdir holds a run this config cannot continue."""
 
 
 def _write_atomic(path: pathlib.Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _pid_alive(pid: int) -> bool:

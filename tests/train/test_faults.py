@@ -135,7 +135,7 @@ def _with_file_size_limit(limit: int, command: list[str]) -> list[str]:
     return [sys.executable, "-c", setter, *command]
 
 
-def test_a_full_disk_at_a_save_stops_the_run_with_one_message(short_run, tmp_path):
+def test_a_full_disk_at_a_save_stops_the_run_with_one_message(tmp_path):
     """RLIMIT_FSIZE makes every write past 4 KiB fail (EFBIG) the way a full disk fails (ENOSPC):
     the first save's shardings file does not fit, the metrics lines do. It used to be skipped and
     reported only at the next save, under dozens of orbax tracebacks."""
@@ -150,8 +150,6 @@ def test_a_full_disk_at_a_save_stops_the_run_with_one_message(short_run, tmp_pat
     assert "orbax" not in result.stderr.replace(message, "")  # its tracebacks went to checkpoint_error.log
     assert "Error writing" in (tmp_path / "checkpoint_error.log").read_text()
     assert list((tmp_path / "checkpoints").iterdir()) == []  # nothing partial for a resume to pick
-    run(tmp_path, *SHORT)  # space again: the same command finishes the run as if nothing happened
-    assert metrics(tmp_path) == metrics(short_run)
 
 
 def _read_only_checkpoints(workdir):
