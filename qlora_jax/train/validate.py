@@ -14,6 +14,8 @@ import math
 import os
 from collections.abc import Callable, Mapping
 
+from flax import traverse_util
+
 from qlora_jax.data.jsonl import FORMATS
 from qlora_jax.data.synthetic import FAMILIES
 from qlora_jax.nn.llama import LINEAR_NAMES
@@ -191,18 +193,7 @@ RULES: dict[str, Callable] = {
 
 def flatten(config) -> dict:
     """A ConfigDict (or nested mapping) as ``{"train.batch_size": 16, ...}``."""
-    raw = config.to_dict() if hasattr(config, "to_dict") else config
-    out = {}
-
-    def visit(node: Mapping, prefix: str):
-        for k, v in node.items():
-            if isinstance(v, Mapping):
-                visit(v, f"{prefix}{k}.")
-            else:
-                out[f"{prefix}{k}"] = v
-
-    visit(raw, "")
-    return out
+    return traverse_util.flatten_dict(config.to_dict() if hasattr(config, "to_dict") else dict(config), sep=".")
 
 
 def _cross_checks(c: dict) -> None:

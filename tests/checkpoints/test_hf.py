@@ -174,7 +174,7 @@ def test_nonfinite_tensor_is_refused_naming_tensor_file_and_count(tmp_path, name
     t.reshape(-1)[[3, 7]] = bad
     save_file({**tensors, name: t}, str(d / "model.safetensors"))
     kind = {"nan": "NaN: 2", "inf": r"\+Inf: 2", "-inf": "-Inf: 2"}[str(bad)]
-    match = rf"{d / 'model.safetensors'}: tensor '{name}' holds 2 non-finite values of {t.size} \(.*{kind}"
+    match = rf"{d / 'model.safetensors'}: tensor '{name}' has 2 non-finite values of {t.size} \(.*{kind}"
     with pytest.raises(ValueError, match=match):
         load_pretrained(d, quant=QuantConfig() if quantized else None, progress=False)
     _, v = load_pretrained(d, quant=QuantConfig() if quantized else None, check_finite=False, progress=False)  # opt-out
@@ -189,7 +189,7 @@ def test_float16_overflow_at_load_is_refused(tmp_path):
     t[0] = 1e6
     save_file({**tensors, "model.layers.0.input_layernorm.weight": t}, str(d / "model.safetensors"))
     load_pretrained(d, quant=None, dtype=jnp.float32, progress=False)  # finite in float32
-    with pytest.raises(ValueError, match=r"input_layernorm.weight' holds 1 non-finite values .*\+Inf: 1"):
+    with pytest.raises(ValueError, match=r"input_layernorm.weight' has 1 non-finite values .*\+Inf: 1"):
         load_pretrained(d, quant=None, dtype=jnp.float16, progress=False)
 
 
@@ -209,7 +209,7 @@ def test_bnb_checkpoint_with_nonfinite_block_constants_is_refused(tmp_path, fiel
     a[0] = np.nan
     tensors[f"{key}.{field}"] = a
     save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=rf"tensor '{key}.{field}' holds 1 non-finite values"):
+    with pytest.raises(ValueError, match=rf"tensor '{key}.{field}' has 1 non-finite values"):
         load_pretrained(d, quant=None, progress=False)
 
 
