@@ -100,12 +100,15 @@ def test_dropout_only_on_the_adapter_and_only_in_training(fresh_rng):
     v = _init(layer, fresh_rng, x)
     evald = np.asarray(layer.apply(v, x), np.float64)
     np.testing.assert_array_equal(layer.apply(v, x, deterministic=True), layer.apply(v, x))
-    outs = np.stack(
-        [layer.apply(v, x, deterministic=False, rngs={"dropout": jax.random.key(i)}) for i in range(300)]
-    ).astype(np.float64)
+    # 4000 masks: the Monte Carlo error of their mean is ~0.02 of the adapter's contribution (with
+    # 300 it was ~0.06, and a fresh seed once drew 0.115 against the 0.1 bound)
+    keys = jax.random.split(jax.random.key(0), 4000)
+    outs = jax.vmap(lambda k: layer.apply(v, x, deterministic=False, rngs={"dropout": k}))(keys)
+    outs = np.asarray(outs, np.float64)
     assert not np.allclose(outs[0], evald)  # dropout is active in training
     base = np.asarray(_layer(lora=None).apply({"frozen": v["frozen"]}, x), np.float64)
-    # inverted dropout: the mean adapter contribution over masks approaches the eval one
+    # inverted dropout: the mean adapter contribution over masks approaches the eval one (without
+    # the 1 / (1 - p) scale it would be half of it: 0.5 away)
     assert np.linalg.norm(outs.mean(0) - evald) <= 0.1 * np.linalg.norm(evald - base)
 
 
