@@ -1,6 +1,7 @@
 """Data: JSONL instruction formats, tokenizers, a synthetic task set, batching."""
 
 from qlora_jax.data.batching import Batches, Tokenized, TokenizeReport, collate, tokenize
+from qlora_jax.data.chat import apply_chat_template, tokenize_conversation
 from qlora_jax.data.jsonl import Example, JsonlDataset, load_jsonl
 from qlora_jax.data.synthetic import exact_match, make_examples
 from qlora_jax.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
@@ -13,10 +14,12 @@ __all__ = [
     "JsonlDataset",
     "TokenizeReport",
     "Tokenized",
+    "apply_chat_template",
     "collate",
     "exact_match",
     "load_jsonl",
     "load_tokenizer",
     "make_examples",
     "tokenize",
+    "tokenize_conversation",
 ]
