@@ -1,21 +1,24 @@
 """Data: JSONL instruction formats, tokenizers, a synthetic task set, batching."""
 
-from qlora_jax.data.batching import Batches, Tokenized, TokenizeReport, collate, tokenize
+from qlora_jax.data.batching import Batches, PackedBatches, Tokenized, TokenizeReport, collate, collate_packed, tokenize
 from qlora_jax.data.chat import apply_chat_template, tokenize_conversation
-from qlora_jax.data.jsonl import Example, JsonlDataset, load_jsonl
+from qlora_jax.data.jsonl import Conversation, Example, JsonlDataset, load_jsonl
 from qlora_jax.data.synthetic import exact_match, make_examples
 from qlora_jax.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 
 __all__ = [
     "Batches",
     "ByteTokenizer",
+    "Conversation",
     "Example",
     "HFTokenizer",
     "JsonlDataset",
+    "PackedBatches",
     "TokenizeReport",
     "Tokenized",
     "apply_chat_template",
     "collate",
+    "collate_packed",
     "exact_match",
     "load_jsonl",
     "load_tokenizer",

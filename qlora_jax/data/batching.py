@@ -1,10 +1,16 @@
-"""Tokenize (source, target) pairs and batch them: target-only loss, length grouping, resumable.
+"""Tokenize examples and batch them: target-only loss, length grouping or packing, resumable.
 
-A tokenized example is ``[BOS] source [truncated to source_max_len]`` followed by
-``target [EOS]`` (truncated to ``target_max_len``); its loss mask covers the target (and the
-source when ``train_on_source``). Batches are padded to a multiple of ``pad_multiple`` so a jitted
-step sees few distinct shapes. The order is a pure function of ``(seed, epoch)``; the iterator's
-position is a small dict that checkpoints carry, so a resumed run reads the same batches.
+A tokenized :class:`~qlora_jax.data.Example` is the tokenizer's prefix (what its post-processor
+puts before a text: Llama's BOS, nothing for ChatML models), the source truncated to
+``source_max_len``, then ``target [EOS]`` truncated to ``target_max_len``; its loss mask covers the
+target (and the source when ``train_on_source``). A :class:`~qlora_jax.data.Conversation` is
+rendered by the model's chat template (:func:`~qlora_jax.data.tokenize_conversation`), masked
+on its assistant turns, and kept within ``source_max_len + target_max_len`` tokens by dropping
+whole turns from its end first. Batches are padded to a multiple of ``pad_multiple`` (or to
+``pad_to``) so a jitted step sees few distinct shapes; :class:`PackedBatches` instead fills each
+row with several examples (segment ids and restarting positions keep them apart). The order is a
+pure function of ``(seed, epoch)``; the iterator's position is a small dict that checkpoints
+carry, so a resumed run reads the same batches.
 """
 
 from __future__ import annotations
@@ -14,7 +20,8 @@ import logging
 
 import numpy as np
 
-from qlora_jax.data.jsonl import Example
+from qlora_jax.data.chat import tokenize_conversation
+from qlora_jax.data.jsonl import Conversation, Example
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,14 +32,17 @@ class Tokenized:
 
 @dataclasses.dataclass
 class TokenizeReport:
-    """What :func:`tokenize` cut and skipped: ``examples`` kept, ``skipped`` (empty targets),
-    ``source_cut``/``target_cut`` (examples truncated at ``source_max_len``/``target_max_len``),
-    ``tokens_dropped`` in all, and the first cut source's kept text (``source_kept``)."""
+    """What :func:`tokenize` cut and skipped: ``examples`` kept, ``skipped`` (nothing left to train
+    on), ``source_cut``/``target_cut`` (examples truncated at ``source_max_len``/``target_max_len``),
+    ``turns_dropped`` (conversations shortened by whole turns) and ``conversations_cut`` (cut
+    inside a turn), ``tokens_dropped`` in all, and the first cut source's kept text."""
 
     examples: int = 0
     skipped: int = 0
     source_cut: int = 0
     target_cut: int = 0
+    turns_dropped: int = 0
+    conversations_cut: int = 0
     tokens_dropped: int = 0
     source_kept: str | None = None
 
@@ -50,25 +60,79 @@ class TokenizeReport:
                 f"{source_max_len}, losing their end (an Alpaca prompt's instruction and '### Response:'); the "
                 f"first kept only {self.source_kept!r}: raise it"
             )
-        if out:
+        limit = source_max_len + target_max_len
+        if self.turns_dropped:
+            out.append(
+                f"{split}: {self.turns_dropped} conversations lost their last turns to fit data.source_max_len + "
+                f"data.target_max_len = {limit} tokens"
+            )
+        if self.conversations_cut:
+            out.append(
+                f"{split}: {self.conversations_cut} conversations were cut inside a turn at {limit} tokens (their "
+                "first exchange alone is longer): raise data.source_max_len or data.target_max_len"
+            )
+        if self.skipped:
+            out.append(f"{split}: {self.skipped} examples skipped (nothing left to train on)")
+        if out and self.tokens_dropped:
             out.append(f"{split}: {self.tokens_dropped} tokens dropped by truncation in all")
         return out
 
 
+def _shorten(messages: list[dict]) -> list[dict] | None:
+    """The conversation without its last exchange (from its last user message on), if an
+    assistant message remains before that; else None."""
+    users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+    for cut in reversed(users):
+        if any(m["role"] == "assistant" for m in messages[:cut]):
+            return messages[:cut]
+    return None
+
+
+def _tokenize_conversation(conv: Conversation, tokenizer, limit: int, train_on: str, chat_template, report):
+    messages = list(conv.messages)
+    ids, mask = tokenize_conversation(tokenizer, messages, train_on=train_on, chat_template=chat_template)
+    full = len(ids)
+    shortened = False
+    while len(ids) > limit and (fewer := _shorten(messages)) is not None:
+        messages, shortened = fewer, True
+        ids, mask = tokenize_conversation(tokenizer, messages, train_on=train_on, chat_template=chat_template)
+    report.turns_dropped += shortened
+    if len(ids) > limit:
+        report.conversations_cut += 1
+        ids, mask = ids[:limit], mask[:limit]
+    report.tokens_dropped += full - len(ids)
+    return ids, mask
+
+
 def tokenize(
-    examples: list[Example],
+    examples: list[Example | Conversation],
     tokenizer,
     *,
     source_max_len: int,
     target_max_len: int,
     train_on_source: bool = False,
+    train_on: str = "all_assistant",
+    chat_template: str | None = None,
     skip_empty: bool = False,
 ) -> tuple[list[Tokenized], TokenizeReport]:
-    """Tokenize examples; returns ``(tokenized, report)``. An example whose target truncates to
-    nothing raises ``ValueError`` (its index), or is skipped and counted with ``skip_empty``."""
+    """Tokenize examples (see the module docstring); returns ``(tokenized, report)``. An example with
+    nothing left to train on raises ``ValueError`` (its index), or is skipped and counted with
+    ``skip_empty``. ``train_on`` and ``chat_template`` apply to conversations, ``train_on_source``
+    to (source, target) examples."""
     out, report = [], TokenizeReport()
     for i, ex in enumerate(examples):
-        full_source = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(ex.source)
+        if isinstance(ex, Conversation):
+            ids, mask = _tokenize_conversation(
+                ex, tokenizer, source_max_len + target_max_len, train_on, chat_template, report
+            )
+            if not mask[1:].any():  # the first token is never predicted
+                if not skip_empty:
+                    raise ValueError(f"example {i}: no assistant token left within {source_max_len + target_max_len}")
+                report.skipped += 1
+                continue
+            out.append(Tokenized(np.asarray(ids, np.int32), np.asarray(mask, bool)))
+            continue
+        full_source = list(tokenizer.prefix_ids) + tokenizer.encode(ex.source)
         source = full_source[:source_max_len]
         full_target = [*tokenizer.encode(ex.target), tokenizer.eos_id]
         target = full_target[:target_max_len]
@@ -166,3 +230,76 @@ def collate(items: list[Tokenized], pad_id: int, pad_multiple: int = 16, pad_to:
         attn[r, : len(t.ids)] = True
         loss[r, : len(t.ids)] = t.loss_mask
     return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss}
+
+
+class PackedBatches(Batches):
+    """Endless, deterministic batches of rows that each hold several examples (``data.packing``).
+
+    Each epoch shuffles the examples (as :class:`Batches` does), then packs them first-fit in that
+    order: an example goes into the first of the last ``window`` open rows with room for it, or
+    opens a new row; rows are ``length`` tokens. Batches are ``batch_size`` consecutive rows (a
+    ragged last batch is dropped). Every batch adds ``segment_ids`` (1, 2, ... per example in a
+    row, 0 for padding) and ``positions`` (restarting at 0 for each example), so that attention
+    stays within an example and each is placed as if it were alone (block-diagonal causal).
+    ``state()``/``restore()`` as :class:`Batches`.
+    """
+
+    def __init__(self, data, batch_size, pad_id, *, seed=0, length: int, window: int = 64):
+        longest = max((len(t.ids) for t in data), default=0)
+        if longest > length:
+            raise ValueError(f"packing: an example of {longest} tokens does not fit rows of {length}")
+        self.data, self.batch_size, self.pad_id, self.seed = data, batch_size, pad_id, seed
+        self.length, self.window = length, window
+        self.epoch, self.index = 0, 0
+        self._order = self._epoch_order(0)
+        if not self._order:
+            raise ValueError(f"packing: {len(data)} examples fill fewer than the {batch_size} rows of one batch")
+
+    def _epoch_order(self, epoch: int) -> list[list[list[int]]]:
+        perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.data))
+        rows: list[list[int]] = []
+        room: list[int] = []
+        for i in perm:
+            n = len(self.data[i].ids)
+            first = len(rows) - min(len(rows), self.window)
+            slot = next((r for r in range(first, len(rows)) if room[r] >= n), None)
+            if slot is None:
+                rows.append([])
+                room.append(self.length)
+                slot = len(rows) - 1
+            rows[slot].append(int(i))
+            room[slot] -= n
+        bs = self.batch_size
+        return [rows[i : i + bs] for i in range(0, len(rows) - bs + 1, bs)]
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self.index >= len(self._order):
+            self.epoch, self.index = self.epoch + 1, 0
+            self._order = self._epoch_order(self.epoch)
+        rows = self._order[self.index]
+        self.index += 1
+        return collate_packed([[self.data[i] for i in row] for row in rows], self.pad_id, self.length)
+
+    def padding_fraction(self) -> float:
+        """The share of this epoch's row tokens that are padding."""
+        used = sum(len(self.data[i].ids) for batch in self._order for row in batch for i in row)
+        return 1.0 - used / (len(self._order) * self.batch_size * self.length)
+
+
+def collate_packed(rows: list[list[Tokenized]], pad_id: int, length: int) -> dict:
+    """Rows of several examples each, right-padded to ``length``: ``input_ids``, ``attention_mask``,
+    ``loss_mask``, ``segment_ids`` and ``positions``, all ``[B, length]``."""
+    b = len(rows)
+    ids = np.full((b, length), pad_id, np.int32)
+    attn = np.zeros((b, length), bool)
+    loss = np.zeros((b, length), bool)
+    seg = np.zeros((b, length), np.int32)
+    pos = np.zeros((b, length), np.int32)
+    for r, row in enumerate(rows):
+        at = 0
+        for k, t in enumerate(row, start=1):
+            n = len(t.ids)
+            ids[r, at : at + n], loss[r, at : at + n] = t.ids, t.loss_mask
+            attn[r, at : at + n], seg[r, at : at + n], pos[r, at : at + n] = True, k, np.arange(n)
+            at += n
+    return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss, "segment_ids": seg, "positions": pos}

@@ -232,7 +232,9 @@ class Attention(nn.Module):
     decode: bool = False
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array, key_mask: Array, deterministic: bool) -> Array:
+    def __call__(
+        self, x: Array, positions: Array, key_mask: Array, deterministic: bool, segment_ids: Array | None = None
+    ) -> Array:
         cfg = self.config
         b, s, _ = x.shape
         h, hkv, dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.dim_head
@@ -263,8 +265,11 @@ class Attention(nn.Module):
         else:
             k_pos = positions
 
-        # [B, 1, S, T]: causal by position, padding, and Mistral's sliding window
+        # [B, 1, S, T]: causal by position, padding, and Mistral's sliding window; packed rows: within
+        # an example only (its positions restart, so causality by position holds inside it)
         allowed = (k_pos[:, None, :] <= q_pos[:, :, None]) & key_mask[:, None, :]
+        if segment_ids is not None:
+            allowed &= segment_ids[:, None, :] == segment_ids[:, :, None]
         if cfg.sliding_window is not None:
             allowed &= q_pos[:, :, None] - k_pos[:, None, :] < cfg.sliding_window
         allowed = allowed[:, None, :, :]
@@ -309,17 +314,24 @@ class DecoderLayer(nn.Module):
     decode: bool = False
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array, key_mask: Array, deterministic: bool = True) -> Array:
+    def __call__(
+        self, x: Array, positions: Array, key_mask: Array, deterministic: bool = True, segment_ids: Array | None = None
+    ) -> Array:
         cfg = self.config
         mods = dict(lora=self.lora, quant=self.quant, dtype=self.dtype, impl=self.impl)
         h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="input_layernorm")(x)
-        x = x + Attention(cfg, decode=self.decode, name="self_attn", **mods)(h, positions, key_mask, deterministic)
+        attn = Attention(cfg, decode=self.decode, name="self_attn", **mods)
+        x = x + attn(h, positions, key_mask, deterministic, segment_ids)
         h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x)
         return x + MLP(cfg, name="mlp", **mods)(h, deterministic)
 
 
 class LlamaForCausalLM(nn.Module):
     """The causal LM. ``__call__(input_ids [B, S], attention_mask=None) -> logits [B, S, V]`` (fp32).
+
+    Packed rows (several examples in one row) pass ``segment_ids [B, S]`` (1, 2, ... per example,
+    0 for padding) and ``positions`` restarting at 0 for each example: attention then stays within
+    an example (block-diagonal causal).
 
     Attributes:
       config: the architecture.
@@ -348,6 +360,7 @@ class LlamaForCausalLM(nn.Module):
         attention_mask: Array | None = None,
         positions: Array | None = None,
         deterministic: bool = True,
+        segment_ids: Array | None = None,
     ) -> Array:
         cfg = self.config
         if self.lora is not None:
@@ -370,7 +383,8 @@ class LlamaForCausalLM(nn.Module):
             layer_cls = nn.remat(DecoderLayer, policy=REMAT_POLICIES[self.remat_policy], static_argnums=(4,))
         mods = dict(lora=self.lora, quant=self.quant, dtype=self.dtype, impl=self.impl, decode=self.decode)
         for i in range(cfg.num_hidden_layers):
-            x = parallel.shard_batch(layer_cls(cfg, name=f"layers_{i}", **mods)(x, positions, key_mask, deterministic))
+            layer = layer_cls(cfg, name=f"layers_{i}", **mods)
+            x = parallel.shard_batch(layer(x, positions, key_mask, deterministic, segment_ids))
         x = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(x)
         if cfg.tie_word_embeddings:
             head = embed.table()

@@ -33,15 +33,20 @@ def token_loss(
     ``params`` is the trainable variable collection named ``collection``: ``"params"`` (the LoRA
     adapters) or, for full-parameter training of an unquantized model, ``"frozen"`` (the base).
     """
+    segments = batch.get("segment_ids")  # packed rows (data.packing); absent otherwise
     logits = model.apply(
         {collection: params, **frozen},
         batch["input_ids"],
         batch["attention_mask"],
+        batch.get("positions"),
         deterministic=deterministic,
+        segment_ids=segments,
         rngs=None if deterministic else {"dropout": rng},
     )  # [B, T, V] float32
     targets = batch["input_ids"][:, 1:]
     mask = batch["loss_mask"][:, 1:] & batch["attention_mask"][:, 1:]
+    if segments is not None:  # never predict an example's first token from the one before it in the row
+        mask &= segments[:, 1:] == segments[:, :-1]
     logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
     return jnp.sum(jnp.where(mask, nll, 0.0)), jnp.sum(mask)

@@ -1,6 +1,7 @@
 """Data: JSONL formats and malformed input, tokenizers, synthetic tasks, masking, batching."""
 
 import json
+import pathlib
 
 import numpy as np
 import pytest
@@ -8,8 +9,10 @@ import pytest
 from qlora_jax.data import (
     Batches,
     ByteTokenizer,
+    Conversation,
     Example,
     HFTokenizer,
+    Tokenized,
     exact_match,
     load_jsonl,
     load_tokenizer,
@@ -17,6 +20,8 @@ from qlora_jax.data import (
     tokenize,
 )
 from qlora_jax.data.jsonl import ALPACA_PROMPT_NO_INPUT
+
+ROOT_FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "fixtures"
 
 
 def _write(tmp_path, lines, name="d.jsonl"):
@@ -37,7 +42,7 @@ def test_alpaca_chat_oasst_and_text(tmp_path):
     messages = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}
     oasst = {"text": "### Human: a### Assistant: b### Human: c### Assistant: d"}
     chat = load_jsonl(_write(tmp_path, [messages, oasst]), "chat")
-    assert chat.examples[0] == Example("### Human: Hi\n### Assistant: ", "Yo")
+    assert chat.examples[0] == Conversation(tuple(messages["messages"]))  # rendered by the model's template
     assert chat.examples[1] == Example("### Human: a### Assistant: b### Human: c### Assistant: ", "d")
     assert load_jsonl(_write(tmp_path, [{"text": "abc"}]), "text").examples == [Example("", "abc")]
 
@@ -78,7 +83,7 @@ def test_malformed_lines_name_file_and_line(tmp_path, line, match):
 
 def test_bad_format_and_missing_file(tmp_path):
     with pytest.raises(ValueError, match="data format must be one of"):
-        load_jsonl(tmp_path / "x.jsonl", "sharegpt")
+        load_jsonl(tmp_path / "x.jsonl", "xml")
     with pytest.raises(ValueError, match="no such data file"):
         load_jsonl(tmp_path / "x.jsonl", "text")
 
@@ -197,3 +202,92 @@ def test_batches_are_deterministic_grouped_and_resumable():
     assert fixed["input_ids"].shape == (8, 96)
     with pytest.raises(ValueError, match="shorter than the longest example"):
         Batches(data, 8, tok.pad_id, pad_to=8)
+
+
+def test_sharegpt_and_alpaca_as_chat_become_conversations(tmp_path):
+    share = {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"},
+                               {"from": "gpt", "value": "Hello"}]}  # fmt: skip
+    (ex,) = load_jsonl(_write(tmp_path, [share]), "sharegpt").examples
+    assert ex.messages == (
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+    )
+    with pytest.raises(ValueError, match=r"d\.jsonl:1: turn 0: needs 'from' in"):
+        load_jsonl(_write(tmp_path, [{"conversations": [{"from": "bot", "value": "x"}]}]), "sharegpt")
+    with pytest.raises(ValueError, match=r"d\.jsonl:1: a conversation needs an assistant message"):
+        load_jsonl(_write(tmp_path, [{"messages": [{"role": "user", "content": "x"}]}]), "chat")
+    alpaca = [{"instruction": "Add", "input": "2 2", "output": "4"}, {"instruction": "Hi", "output": "Hello"}]
+    a, b = load_jsonl(_write(tmp_path, alpaca), "alpaca", as_chat=True).examples
+    assert a.messages == ({"role": "user", "content": "Add\n\n2 2"}, {"role": "assistant", "content": "4"})
+    assert b.messages[0] == {"role": "user", "content": "Hi"} and b.target == "Hello"
+
+
+def _chat_tok():
+    from qlora_jax.data import load_tokenizer
+
+    return load_tokenizer(ROOT_FIXTURES / "chat" / "smollm2")
+
+
+def test_examples_get_the_post_processors_prefix_not_a_forced_bos():
+    """SmolLM2's BOS is <|im_start|> and its tokenizer adds none: no BOS before an alpaca prompt.
+    Llama-3's post-processor adds <|begin_of_text|>: one, not two."""
+    from qlora_jax.data import load_tokenizer
+
+    smol = _chat_tok()
+    [t], _ = tokenize([Example("abc", "de")], smol, source_max_len=32, target_max_len=8)
+    assert list(t.ids) == [*smol.encode("abc"), *smol.encode("de"), smol.eos_id]
+    llama = load_tokenizer(ROOT_FIXTURES / "chat" / "llama3")
+    [t], _ = tokenize([Example("abc", "de")], llama, source_max_len=32, target_max_len=8)
+    assert list(t.ids[:1]) == [llama.bos_id] and int((t.ids == llama.bos_id).sum()) == 1
+
+
+def test_conversations_train_on_assistant_turns_and_lose_whole_turns_first():
+    from qlora_jax.data import tokenize_conversation
+
+    tok = _chat_tok()
+    turns = [{"role": "user", "content": "What is the capital of France?"}, {"role": "assistant", "content": "Paris."},
+             {"role": "user", "content": "And of Germany?"}, {"role": "assistant", "content": "Berlin."}]  # fmt: skip
+    conv = Conversation(tuple(turns))
+    full, _ = tokenize_conversation(tok, turns)
+    first, first_mask = tokenize_conversation(tok, turns[:2])
+    [t], report = tokenize([conv], tok, source_max_len=len(full), target_max_len=0)
+    assert list(t.ids) == list(full) and report.turns_dropped == 0 and report.tokens_dropped == 0
+    [t], report = tokenize([conv], tok, source_max_len=len(full) - 1, target_max_len=0)
+    assert list(t.ids) == list(first) and list(t.loss_mask) == list(first_mask)  # the whole last exchange went
+    assert (report.turns_dropped, report.conversations_cut, report.tokens_dropped) == (1, 0, len(full) - len(first))
+    [t], report = tokenize([conv], tok, source_max_len=len(first) - 2, target_max_len=0)
+    assert len(t.ids) == len(first) - 2 and report.conversations_cut == 1
+    assert "1 conversations were cut inside a turn" in report.warnings("train split", len(first) - 2, 0)[1]
+    _, report = tokenize([conv], tok, source_max_len=30, target_max_len=0, skip_empty=True)
+    assert report.skipped == 1  # the system prompt alone fills 30 tokens: nothing to train on
+
+
+def test_packing_is_first_fit_deterministic_resumable_and_pads_less():
+    from qlora_jax.data import PackedBatches
+
+    rng = np.random.default_rng(0)
+    data = [Tokenized(np.arange(n, dtype=np.int32), np.ones(n, bool)) for n in rng.integers(3, 20, 200)]
+    packed = PackedBatches(data, 4, 0, seed=1, length=32)
+    b = next(packed)
+    assert b["input_ids"].shape == (4, 32) and set(b) >= {"segment_ids", "positions"}
+    for r in range(4):  # positions restart per segment; padding is segment 0
+        for k in range(1, b["segment_ids"][r].max() + 1):
+            sel = b["segment_ids"][r] == k
+            np.testing.assert_array_equal(b["positions"][r][sel], np.arange(sel.sum()))
+            np.testing.assert_array_equal(b["input_ids"][r][sel], np.arange(sel.sum()))  # whole examples in order
+        assert not b["attention_mask"][r][b["segment_ids"][r] == 0].any()
+    # every example of the epoch lands in exactly one row
+    rows = [i for batch in packed._order for row in batch for i in row]
+    assert len(rows) == len(set(rows)) and len(rows) > 0.9 * len(data)
+    one_per_row = 1 - sum(len(t.ids) for t in data) / (len(data) * 32)  # each example padded to 32 alone
+    assert packed.padding_fraction() < 0.1 < 0.5 < one_per_row
+    state = {"epoch": 0, "index": 3}
+    packed.restore(state)
+    a = [next(packed) for _ in range(60)]  # crosses epoch boundaries
+    again = PackedBatches(data, 4, 0, seed=1, length=32)
+    again.restore(state)
+    for x, y in zip(a, [next(again) for _ in range(60)], strict=True):
+        np.testing.assert_array_equal(x["input_ids"], y["input_ids"])
+    with pytest.raises(ValueError, match="an example of 19 tokens does not fit rows of 16"):
+        PackedBatches(data, 4, 0, length=16)

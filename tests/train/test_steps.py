@@ -89,3 +89,37 @@ def test_learning_rate_schedule_warms_up_then_follows_its_shape(kind):
     # 10 warmup steps, then 100 steps of decay: halfway (step 60) cosine and linear are both at lr / 2
     want = {"constant": (5e-4, 1e-3, 1e-3, 1e-3), "cosine": (5e-4, 1e-3, 5e-4, 0.0), "linear": (5e-4, 1e-3, 5e-4, 0.0)}
     np.testing.assert_allclose(list(lr.values()), want[kind], rtol=1e-6, atol=1e-12)
+
+
+def test_packed_rows_give_the_loss_and_gradients_of_the_same_examples_unpacked(fresh_rng):
+    """Several examples in one row (segment ids, restarting positions) are the same computation as
+    each alone: the mean loss over the same targets agrees to float32 rounding (measured 1.7e-7
+    relative over 3 seeds, checked at 1e-5), and so do the adapter gradients (3.5e-7 of each
+    leaf's largest entry, checked at 1e-5). The first token of an example is a target under
+    train_on='all': it must not be predicted from the example before it in the row."""
+    from qlora_jax.data import collate_packed
+
+    model, params, frozen = _setup()
+    items = []
+    for _ in range(6):
+        n = int(fresh_rng.integers(5, 14))
+        ids = fresh_rng.integers(0, 256, n).astype(np.int32)
+        items.append(Tokenized(ids, np.ones(n, bool)))  # every token a target, the first one too
+
+    def mean_loss(p, batch):
+        total, n = token_loss(model, p, frozen, batch, None, deterministic=True)
+        return total / n
+
+    unpacked = {k: jnp.asarray(v) for k, v in collate(items, TOK.pad_id, 16).items()}
+    packed = {k: jnp.asarray(v) for k, v in collate_packed([items[:3], items[3:]], TOK.pad_id, 48).items()}
+    assert packed["input_ids"].shape == (2, 48) and int(packed["segment_ids"].max()) == 3
+    step = jax.jit(jax.value_and_grad(mean_loss))
+    want, grads_want = step(params, unpacked)
+    got, grads_got = step(params, packed)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(grads_got), jax.tree.leaves(grads_want), strict=True):
+        a, b = np.asarray(a), np.asarray(b)
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
+    # without segment ids the same rows are one long sequence: another loss (the test can fail)
+    leaky = {k: v for k, v in packed.items() if k not in ("segment_ids", "positions")}
+    assert abs(float(jax.jit(mean_loss)(params, leaky)) - float(want)) > 1e-4
