@@ -36,5 +36,10 @@ def run(workdir, *extra, check=True, timeout=300, **kwargs):
     )
 
 
+TIMING = ("tokens_per_sec", "target_tokens_per_sec")  # wall-clock rates: the only keys a rerun may change
+
+
 def metrics(workdir):
-    return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    """The rows of ``metrics.jsonl`` without the timing keys: what a resumed run must reproduce."""
+    rows = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]

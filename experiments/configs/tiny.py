@@ -51,13 +51,16 @@ def get_config():
     c.data = ml_collections.ConfigDict()
     c.data.kind = "synthetic"  # synthetic | jsonl
     c.data.path = ""  # JSONL file when kind == "jsonl"
-    c.data.format = "alpaca"  # alpaca | chat | text
+    c.data.format = "alpaca"  # alpaca | chat (messages, or OASST text) | sharegpt | text
     c.data.families = ("add", "sort", "reverse", "upper")  # synthetic task families
     c.data.num_train = 2000
     c.data.num_eval = 64
     c.data.source_max_len = 32  # tokens
     c.data.target_max_len = 16
-    c.data.train_on_source = False  # loss on targets only (QLoRA default)
+    c.data.train_on_source = False  # (source, target) examples: loss on targets only (QLoRA default)
+    c.data.train_on = "all_assistant"  # conversations: all_assistant | last_assistant | all
+    c.data.chat_template = ""  # "" = the checkpoint's own (or the default); a template name, a .jinja file or text
+    c.data.packing = False  # several examples per row (segment ids): no padding compute; eval stays unpacked
     c.data.group_by_length = True
     c.data.skip_malformed = False  # True: skip (and count) malformed JSONL lines instead of failing
 
@@ -91,7 +94,7 @@ def get_config():
     c.eval_every = 50
     c.eval_batches = 4
     c.checkpoint_every = 50
-    c.num_generate = 16  # synthetic data: greedy generations scored by exact match at the end
+    c.num_generate = 16  # held-out eval examples answered greedily at each eval (exact match) and in samples.jsonl
 
     c.export = ml_collections.ConfigDict()
     c.export.merged = False  # export/merged: bf16 HF checkpoint with adapters merged

@@ -2,8 +2,9 @@
 
 from qlora_jax.data.batching import Batches, PackedBatches, Tokenized, TokenizeReport, collate, collate_packed, tokenize
 from qlora_jax.data.chat import apply_chat_template, tokenize_conversation
+from qlora_jax.data.evaluation import GenerationItem, exact_match, generation_items, normalize_answer, stop_ids
 from qlora_jax.data.jsonl import Conversation, Example, JsonlDataset, load_jsonl
-from qlora_jax.data.synthetic import exact_match, make_examples
+from qlora_jax.data.synthetic import make_examples
 from qlora_jax.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 
 __all__ = [
@@ -11,6 +12,7 @@ __all__ = [
     "ByteTokenizer",
     "Conversation",
     "Example",
+    "GenerationItem",
     "HFTokenizer",
     "JsonlDataset",
     "PackedBatches",
@@ -20,9 +22,12 @@ __all__ = [
     "collate",
     "collate_packed",
     "exact_match",
+    "generation_items",
     "load_jsonl",
     "load_tokenizer",
     "make_examples",
+    "normalize_answer",
+    "stop_ids",
     "tokenize",
     "tokenize_conversation",
 ]

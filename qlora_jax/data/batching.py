@@ -213,8 +213,11 @@ class Batches:
         if self.index >= len(self._order):
             self.epoch, self.index = self.epoch + 1, 0
             self._order = self._epoch_order(self.epoch)
-        idx = self._order[self.index]
+        batch = self._order[self.index]
         self.index += 1
+        return self._collate(batch)
+
+    def _collate(self, idx) -> dict[str, np.ndarray]:
         return collate([self.data[i] for i in idx], self.pad_id, self.pad_multiple, self.pad_to)
 
 
@@ -272,12 +275,7 @@ class PackedBatches(Batches):
         bs = self.batch_size
         return [rows[i : i + bs] for i in range(0, len(rows) - bs + 1, bs)]
 
-    def __next__(self) -> dict[str, np.ndarray]:
-        if self.index >= len(self._order):
-            self.epoch, self.index = self.epoch + 1, 0
-            self._order = self._epoch_order(self.epoch)
-        rows = self._order[self.index]
-        self.index += 1
+    def _collate(self, rows) -> dict[str, np.ndarray]:
         return collate_packed([[self.data[i] for i in row] for row in rows], self.pad_id, self.length)
 
     def padding_fraction(self) -> float:

@@ -37,11 +37,3 @@ def make_examples(n: int, seed: int, families: tuple[str, ...] = FAMILIES) -> li
             raise ValueError(f"synthetic family must be one of {FAMILIES}; got {f!r}")
     rng = np.random.default_rng(seed)
     return [_one(families[i % len(families)], rng) for i in range(n)]
-
-
-def exact_match(predictions: list[str], examples: list[Example]) -> float:
-    """Fraction of predictions equal to the target after stripping whitespace."""
-    if len(predictions) != len(examples):
-        raise ValueError(f"{len(predictions)} predictions for {len(examples)} examples")
-    hits = sum(p.strip() == e.target.strip() for p, e in zip(predictions, examples, strict=True))
-    return hits / max(1, len(examples))

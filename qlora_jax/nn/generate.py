@@ -6,6 +6,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from qlora_jax.nn.llama import LlamaForCausalLM, init_cache
 
@@ -35,11 +36,11 @@ def generate(
     temperature: float = 0.0,
     top_p: float = 1.0,
     rng: jax.Array | None = None,
-    eos_token_id: int | None = None,
+    eos_token_id: int | tuple[int, ...] | None = None,
 ) -> jax.Array:
     """Continue ``input_ids [B, S]`` (left-padded, ``attention_mask`` 1 for real tokens) by
-    ``max_new_tokens`` tokens. Returns ``[B, S + max_new_tokens]``; after ``eos_token_id`` a
-    row repeats it."""
+    ``max_new_tokens`` tokens. Returns ``[B, S + max_new_tokens]``. ``eos_token_id``: the id, or
+    ids (a chat model's end-of-turn and its EOS), that end a row; after one a row repeats it."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
     if temperature < 0 or not 0 < top_p <= 1:
@@ -48,8 +49,9 @@ def generate(
         attention_mask = jnp.ones(input_ids.shape, jnp.int32)
     rng = jax.random.key(0) if rng is None else rng
     variables = {k: v for k, v in variables.items() if k != "cache"}
+    stops = None if eos_token_id is None else tuple(int(i) for i in np.atleast_1d(eos_token_id))
     return _generate(
-        model, variables, input_ids, attention_mask, rng, max_new_tokens, float(temperature), float(top_p), eos_token_id
+        model, variables, input_ids, attention_mask, rng, max_new_tokens, float(temperature), float(top_p), stops
     )
 
 
@@ -65,7 +67,8 @@ def _generate(model, variables, input_ids, attention_mask, rng, max_new, tempera
     )  # prefill: [B, S, V]
     rng, key = jax.random.split(rng)
     token = sample_token(logits[:, -1], key, temperature, top_p)
-    done = jnp.zeros((b,), jnp.bool_) if eos is None else token == eos
+    stops = None if eos is None else jnp.asarray(eos, jnp.int32)
+    done = jnp.zeros((b,), jnp.bool_) if eos is None else jnp.isin(token, stops)
     out = jnp.zeros((b, max_new), jnp.int32).at[:, 0].set(token)
     position = positions[:, -1] + 1
 
@@ -80,9 +83,9 @@ def _generate(model, variables, input_ids, attention_mask, rng, max_new, tempera
         )
         rng, key = jax.random.split(rng)
         nxt = sample_token(logits[:, -1], key, temperature, top_p)
-        if eos is not None:
-            nxt = jnp.where(done, eos, nxt)
-            done = done | (nxt == eos)
+        if eos is not None:  # a finished row repeats the token that ended it
+            nxt = jnp.where(done, token, nxt)
+            done = done | jnp.isin(nxt, stops)
         return out.at[:, i].set(nxt), state["cache"], nxt, position + 1, done, rng
 
     carry = (out, state["cache"], token, position, done, rng)

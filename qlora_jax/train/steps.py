@@ -25,6 +25,15 @@ class TrainState(NamedTuple):
     opt_state: Any
 
 
+def target_mask(batch, xp=jnp):
+    """``[B, T-1]``: which next tokens are loss targets (``xp``: jnp in the step, numpy on the host)."""
+    mask = xp.logical_and(batch["loss_mask"][:, 1:], batch["attention_mask"][:, 1:])
+    segments = batch.get("segment_ids")
+    if segments is not None:  # never predict an example's first token from the one before it in the row
+        mask = xp.logical_and(mask, segments[:, 1:] == segments[:, :-1])
+    return mask
+
+
 def token_loss(
     model, params, frozen, batch, rng, deterministic: bool, collection: str = "params"
 ) -> tuple[Array, Array]:
@@ -44,9 +53,7 @@ def token_loss(
         rngs=None if deterministic else {"dropout": rng},
     )  # [B, T, V] float32
     targets = batch["input_ids"][:, 1:]
-    mask = batch["loss_mask"][:, 1:] & batch["attention_mask"][:, 1:]
-    if segments is not None:  # never predict an example's first token from the one before it in the row
-        mask &= segments[:, 1:] == segments[:, :-1]
+    mask = target_mask(batch)
     logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
     return jnp.sum(jnp.where(mask, nll, 0.0)), jnp.sum(mask)

@@ -34,11 +34,23 @@ from tqdm.auto import tqdm
 
 from qlora_jax import parallel, quant
 from qlora_jax.checkpoints import load_pretrained
-from qlora_jax.data import Batches, ByteTokenizer, exact_match, load_jsonl, load_tokenizer, make_examples, tokenize
+from qlora_jax.data import (
+    Batches,
+    ByteTokenizer,
+    GenerationItem,
+    PackedBatches,
+    exact_match,
+    generation_items,
+    load_jsonl,
+    load_tokenizer,
+    make_examples,
+    stop_ids,
+    tokenize,
+)
 from qlora_jax.nn import LlamaConfig, LlamaForCausalLM, LoRAConfig, QuantConfig, generate, split_params
 from qlora_jax.optim import adamw_8bit, paged
 from qlora_jax.train import export
-from qlora_jax.train.steps import TrainState, make_eval_step, make_train_step
+from qlora_jax.train.steps import TrainState, make_eval_step, make_train_step, target_mask
 from qlora_jax.train.validate import validate_config
 from qlora_jax.train.workdir import (
     Checkpoints,
@@ -93,13 +105,30 @@ def build_model(config):
     return model, variables, tok, cfg
 
 
-def build_data(config, tok):
+@dataclasses.dataclass
+class Data:
+    """The batches of a run and its held-out generation set (:func:`build_data`)."""
+
+    train: Batches
+    eval: Batches
+    generation: list[GenerationItem]
+    stop_ids: tuple[int, ...]
+
+
+def _chat_template(config, tok) -> str | None:
+    """``data.chat_template`` resolved (None: the tokenizer's own, or the default)."""
+    return tok.template(config.data.chat_template) if config.data.chat_template else None
+
+
+def build_data(config, tok) -> Data:
     d = config.data
+    template = _chat_template(config, tok)
     if d.kind == "synthetic":
         train_ex = make_examples(d.num_train, config.seed, tuple(d.families))
         eval_ex = make_examples(d.num_eval, config.seed + 1, tuple(d.families))
-    else:  # "jsonl"
-        ds = load_jsonl(d.path, d.format, skip_malformed=d.skip_malformed)
+    else:  # "jsonl": Alpaca records become conversations for a model that has a chat template
+        as_chat = bool(template or tok.chat_template)
+        ds = load_jsonl(d.path, d.format, skip_malformed=d.skip_malformed, as_chat=as_chat)
         if ds.skipped:
             logging.warning("%s: skipped %d malformed lines", d.path, ds.skipped)
         examples = ds.examples
@@ -107,7 +136,10 @@ def build_data(config, tok):
         order = np.random.default_rng(config.seed).permutation(len(examples))
         eval_ex = [examples[i] for i in order[:n_eval]]
         train_ex = [examples[i] for i in order[n_eval:]]
-    kw = dict(source_max_len=d.source_max_len, target_max_len=d.target_max_len, skip_empty=d.skip_malformed)
+    kw = dict(
+        source_max_len=d.source_max_len, target_max_len=d.target_max_len, skip_empty=d.skip_malformed,
+        train_on=d.train_on, chat_template=template,
+    )  # fmt: skip
     train, train_report = tokenize(train_ex, tok, train_on_source=d.train_on_source, **kw)
     evals, eval_report = tokenize(eval_ex, tok, **kw)
     for split, report in (("train split", train_report), ("eval split", eval_report)):
@@ -124,11 +156,18 @@ def build_data(config, tok):
                 f"{config.train.batch_size} (the split is {made[split]}): give it more examples or lower the batch size"
             )
     length = d.source_max_len + d.target_max_len
-    batches = Batches(
-        train, config.train.batch_size, tok.pad_id, seed=config.seed, group_by_length=d.group_by_length, pad_to=length
+    bs = config.train.batch_size
+    if d.packing:
+        batches = PackedBatches(train, bs, tok.pad_id, seed=config.seed, length=length)
+        logging.info("packing: %.1f%% of the train rows' tokens are padding", 100 * batches.padding_fraction())
+    else:
+        batches = Batches(train, bs, tok.pad_id, seed=config.seed, group_by_length=d.group_by_length, pad_to=length)
+    eval_batches = Batches(evals, bs, tok.pad_id, seed=0, group_by_length=False, pad_to=length)
+    raw_text = d.kind == "jsonl" and d.format == "text"
+    generation = generation_items(
+        eval_ex[: config.num_generate], tok, max_prompt=d.source_max_len, raw_text=raw_text, chat_template=template
     )
-    eval_batches = Batches(evals, config.train.batch_size, tok.pad_id, seed=0, group_by_length=False, pad_to=length)
-    return batches, eval_batches, eval_ex
+    return Data(batches, eval_batches, generation, stop_ids(tok, template))
 
 
 def build_optimizer(config):
@@ -163,18 +202,18 @@ def _evaluate(eval_step, params, frozen, eval_batches, sharding, config):
     return {"eval_loss": mean, "eval_perplexity": math.exp(min(mean, 50.0))}
 
 
-def _generate_answers(model, variables, tok, examples, max_new_tokens):
-    prompts = [([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(e.source) for e in examples]
-    width = max(len(p) for p in prompts)
-    ids = np.full((len(prompts), width), tok.pad_id, np.int32)
-    mask = np.zeros((len(prompts), width), np.int32)
-    for r, p in enumerate(prompts):  # left padding
-        ids[r, width - len(p) :], mask[r, width - len(p) :] = p, 1
-    out = np.asarray(generate(model, variables, ids, mask, max_new_tokens=max_new_tokens, eos_token_id=tok.eos_id))
+def _generate_answers(model, variables, tok, items: list[GenerationItem], max_new_tokens: int, stops) -> list[str]:
+    """Greedy answers to ``items``' prompts, each cut at its first stop token."""
+    width = max(len(it.prompt_ids) for it in items)
+    ids = np.full((len(items), width), tok.pad_id, np.int32)
+    mask = np.zeros((len(items), width), np.int32)
+    for r, it in enumerate(items):  # left padding
+        ids[r, width - len(it.prompt_ids) :], mask[r, width - len(it.prompt_ids) :] = it.prompt_ids, 1
+    out = np.asarray(generate(model, variables, ids, mask, max_new_tokens=max_new_tokens, eos_token_id=stops))
     answers = []
     for row in out[:, width:]:
-        row = list(row)
-        answers.append(tok.decode(row[: row.index(tok.eos_id)] if tok.eos_id in row else row))
+        ends = np.flatnonzero(np.isin(row, stops))
+        answers.append(tok.decode(row[: ends[0]] if ends.size else row))
     return answers
 
 
@@ -342,9 +381,7 @@ class _Run:
     tok: Any
     model_cfg: Any
     frozen: dict
-    batches: Batches
-    eval_batches: Batches
-    eval_examples: list
+    data: Data
     eval_step: Any
     metrics_file: pathlib.Path
     tensorboard: Any = None
@@ -353,13 +390,26 @@ class _Run:
     def collection(self) -> str:
         return _collection(self.config)
 
-    def evaluate(self, params) -> dict:
-        sharding = parallel.batch_sharding(self.mesh, 2)
-        return _evaluate(self.eval_step, params, self.frozen, self.eval_batches, sharding, self.config)
-
-    def generate(self, params, examples) -> list[str]:
+    def generate(self, params) -> list[str]:
+        """Greedy answers to the held-out generation set."""
         variables = _for_generation(params, self.frozen, self.collection)
-        return _generate_answers(self.model, variables, self.tok, examples, self.config.data.target_max_len)
+        with jax.set_mesh(None):
+            return _generate_answers(
+                self.model, variables, self.tok, self.data.generation, self.config.data.target_max_len,
+                self.data.stop_ids,
+            )  # fmt: skip
+
+    def evaluate(self, params) -> dict:
+        """Eval loss and perplexity; with a generation set, exact match (plain and normalized)."""
+        sharding = parallel.batch_sharding(self.mesh, 2)
+        m = _evaluate(self.eval_step, params, self.frozen, self.data.eval, sharding, self.config)
+        if self.data.generation:
+            answers = self.generate(params)
+            m["exact_match"] = exact_match(answers, [it.target for it in self.data.generation])
+            m["exact_match_normalized"] = exact_match(
+                answers, [it.target for it in self.data.generation], normalize=True
+            )
+        return m
 
 
 def _run(config, workdir: pathlib.Path, ckpt: Checkpoints, chief: bool) -> dict:
@@ -375,17 +425,18 @@ def _run(config, workdir: pathlib.Path, ckpt: Checkpoints, chief: bool) -> dict:
     resume_step = ckpt.newest_intact()  # before the (slow) model build: a damaged workdir fails fast
     mesh = parallel.make_mesh(config.mesh.to_dict())
     model, tok, model_cfg, frozen, state, tx, schedule = setup(config, mesh)
-    batches, eval_batches, eval_examples = build_data(config, tok)
+    data = build_data(config, tok)
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     run = _Run(
-        config, workdir, ckpt, chief, mesh, model, tok, model_cfg, frozen, batches, eval_batches, eval_examples,
+        config, workdir, ckpt, chief, mesh, model, tok, model_cfg, frozen, data,
         jax.jit(make_eval_step(model, _collection(config))), workdir / "metrics.jsonl",
     )  # fmt: skip
 
-    start = 0
+    start, window = 0, None
     if resume_step is not None:
         state, meta = ckpt.restore(resume_step, jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
-        batches.restore(meta["data"])
+        data.train.restore(meta["data"])
+        window = meta.get("window")  # absent from checkpoints of before 2026-12-02
         start = int(state.step)
         logging.info("resumed from step %d", start)
     rows = _read_metrics(run.metrics_file, start) if chief else []
@@ -395,14 +446,14 @@ def _run(config, workdir: pathlib.Path, ckpt: Checkpoints, chief: bool) -> dict:
         run.metrics_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
         run.tensorboard = SummaryWriter(str(workdir / "tensorboard"), purge_step=start + 1)
     try:
-        if start < t.steps:
-            train_step = jit_train_step(model, tx, schedule, state_shardings, config.seed, run.collection)
-            state, last = _train(run, train_step, state, start)
-        if t.steps == 0 and final is None:  # evaluation only: the model as built or loaded
+        if start == 0 and final is None:  # the model before training (or, with train.steps=0, only that)
             with jax.set_mesh(mesh):
                 last = {"step": 0, **run.evaluate(state.params)}
             if chief:
-                run.metrics_file.write_text(json.dumps(last) + "\n")
+                _log(run, last)
+        if start < t.steps:
+            train_step = jit_train_step(model, tx, schedule, state_shardings, config.seed, run.collection)
+            state, last = _train(run, train_step, state, start, window)
     finally:
         if run.tensorboard is not None:
             try:
@@ -428,8 +479,28 @@ def _read_metrics(metrics_file: pathlib.Path, upto: int) -> list[dict]:
     return rows
 
 
-def _train(run: _Run, train_step, state, start: int):
-    """Steps ``start .. config.train.steps``: log, evaluate and checkpoint; returns ``(state, last metrics)``."""
+def _log(run: _Run, row: dict) -> None:
+    """Append a row to ``metrics.jsonl`` and TensorBoard (process 0)."""
+    try:
+        with run.metrics_file.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+    except OSError as e:
+        raise write_failed(run.metrics_file, e, run.ckpt) from e
+    for k, v in row.items():
+        if k != "step":
+            run.tensorboard.add_scalar(k, v, row["step"])
+
+
+def _train(run: _Run, train_step, state, start: int, window: dict | None = None):
+    """Steps ``start .. config.train.steps``: log, evaluate and checkpoint; returns ``(state, last metrics)``.
+
+    ``processed_tokens`` (every non-padding token) and ``target_tokens`` (the loss targets) count
+    the whole logging window (every step since the last log) from the host's copy of the batches;
+    ``tokens_per_sec`` and ``target_tokens_per_sec`` divide them by the wall time of its steps
+    (evaluations and checkpoint saves left out; the first window includes the compilation). ``tokens`` is
+    the logged step's own target count, from the device. ``window`` is the counts and seconds of
+    a window a resumed run continues (checkpointed with the data position).
+    """
     config = run.config
     t = config.train
     train_batch_sharding = parallel.batch_sharding(run.mesh, 3, batch_axis=1)  # [accum, B, T]
@@ -437,12 +508,15 @@ def _train(run: _Run, train_step, state, start: int):
     bar = tqdm(
         range(start, t.steps), initial=start, total=t.steps, desc="train", disable=not (config.progress and run.chief)
     )
-    window_tokens, window_start = 0, time.perf_counter()
+    window = dict(window or {"tokens": 0, "targets": 0, "seconds": 0.0})
+    window["start"] = time.perf_counter() - window.pop("seconds")
     with jax.set_mesh(run.mesh):
         for step in bar:
-            micro = [next(run.batches) for _ in range(t.accum_steps)]
-            batch = parallel.global_batch({k: np.stack([m[k] for m in micro]) for k in micro[0]}, train_batch_sharding)
-            state, metrics = train_step(state, run.frozen, batch)
+            micro = [next(run.data.train) for _ in range(t.accum_steps)]
+            host = {k: np.stack([m[k] for m in micro]) for k in micro[0]}
+            window["tokens"] += int(host["attention_mask"].sum())
+            window["targets"] += int(sum(target_mask(m, np).sum() for m in micro))
+            state, metrics = train_step(state, run.frozen, parallel.global_batch(host, train_batch_sharding))
             done = step + 1
             if done % config.log_every == 0 or done == t.steps:
                 m = {k: float(v) for k, v in metrics.items()}
@@ -450,33 +524,27 @@ def _train(run: _Run, train_step, state, start: int):
                     _stop_diverged(
                         run.ckpt, run.workdir, f"non-finite loss {m['loss']} at step {done}", config.checkpoint_every
                     )
-                window_tokens += int(m["tokens"])
-                elapsed = time.perf_counter() - window_start
-                m["tokens_per_sec"] = window_tokens / max(elapsed, 1e-9)
+                elapsed = max(time.perf_counter() - window["start"], 1e-9)
+                m["processed_tokens"], m["target_tokens"] = window["tokens"], window["targets"]
+                m["tokens_per_sec"] = window["tokens"] / elapsed
+                m["target_tokens_per_sec"] = window["targets"] / elapsed
                 stats = jax.local_devices()[0].memory_stats() or {}
                 if "bytes_in_use" in stats:
                     m["device_bytes_in_use"] = stats["bytes_in_use"]
                 if done % config.eval_every == 0 or done == t.steps:
                     m.update(run.evaluate(state.params))
-                    if config.data.kind == "synthetic" and config.num_generate:
-                        sample = run.eval_examples[: config.num_generate]
-                        with jax.set_mesh(None):
-                            m["exact_match"] = exact_match(run.generate(state.params, sample), sample)
                 last = {"step": done, **m}
                 if run.chief:
-                    try:
-                        with run.metrics_file.open("a") as f:
-                            f.write(json.dumps({k: v for k, v in last.items() if k != "tokens_per_sec"}) + "\n")
-                    except OSError as e:
-                        raise write_failed(run.metrics_file, e, run.ckpt) from e
-                    for k, v in m.items():
-                        run.tensorboard.add_scalar(k, v, done)
+                    _log(run, last)
                 bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{m['tokens_per_sec']:.0f}")
-                window_tokens, window_start = 0, time.perf_counter()
+                window = {"tokens": 0, "targets": 0, "start": time.perf_counter()}
             if done % config.checkpoint_every == 0 or done == t.steps:
                 if not math.isfinite(float(metrics["loss"])):  # never checkpoint a diverged state
                     _stop_diverged(run.ckpt, run.workdir, f"non-finite loss at step {done}", config.checkpoint_every)
-                run.ckpt.save(done, state, {"data": run.batches.state()})
+                seconds = time.perf_counter() - window["start"]
+                open_window = {"tokens": window["tokens"], "targets": window["targets"], "seconds": seconds}
+                run.ckpt.save(done, state, {"data": run.data.train.state(), "window": open_window})
+                window["start"] = time.perf_counter() - seconds  # the save is not the steps' time
     return state, last
 
 
@@ -487,14 +555,12 @@ def _finish(run: _Run, state, last: dict, write_final: bool) -> dict:
     params_host = parallel.to_host(state.params)  # collective: every process takes part
     needs_base = not _full(config) and (not config.model_path or config.export.merged or config.export.quantized)
     base = parallel.to_host(run.frozen["frozen"]) if needs_base else None
-    if config.data.kind == "synthetic" and config.num_generate:
-        sample = run.eval_examples[: config.num_generate]
-        answers = run.generate(state.params, sample)
-        last["exact_match"] = exact_match(answers, sample)
+    if run.data.generation:  # every data kind: the prompts, targets and greedy answers
+        answers = run.generate(state.params)
         if run.chief:
             with (workdir / "samples.jsonl").open("w") as f:
-                for e, a in zip(sample, answers, strict=True):
-                    f.write(json.dumps({"source": e.source, "target": e.target, "generated": a}) + "\n")
+                for it, a in zip(run.data.generation, answers, strict=True):
+                    f.write(json.dumps({"source": it.prompt, "target": it.target, "generated": a}) + "\n")
     if run.chief:
         out = workdir / "export"
         if _full(config):  # the trained model itself: usable as another run's config.model_path

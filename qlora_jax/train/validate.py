@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 
 from flax import traverse_util
 
+from qlora_jax.data.chat import TRAIN_ON
 from qlora_jax.data.jsonl import FORMATS
 from qlora_jax.data.synthetic import FAMILIES
 from qlora_jax.nn.llama import LINEAR_NAMES
@@ -159,6 +160,9 @@ RULES: dict[str, Callable] = {
     "data.source_max_len": _int(0, " (tokens)"),
     "data.target_max_len": _int(1, " (tokens, the end-of-sequence token included)"),
     "data.train_on_source": _bool,
+    "data.train_on": _choice(TRAIN_ON),
+    "data.chat_template": _str,
+    "data.packing": _bool,
     "data.group_by_length": _bool,
     "data.skip_malformed": _bool,
     "train.steps": _int(0, " (0: evaluate only)"),

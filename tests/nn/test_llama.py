@@ -88,6 +88,14 @@ def test_sampling_with_tiny_top_p_is_greedy_and_temperature_samples():
     assert len(samples) > 1
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(model, v, ids, max_new_tokens=0)
+    # several stop ids (a chat model's end-of-turn and its EOS): a row ends at the first of either
+    new = np.asarray(greedy)[0, 6:]
+    stop = int(new[2])
+    first = int(np.flatnonzero(new == stop)[0])
+    other = next(i for i in range(256) if i not in new)  # never generated here
+    out = np.asarray(generate(model, v, ids, max_new_tokens=5, eos_token_id=(other, stop)))[0, 6:]
+    np.testing.assert_array_equal(out[: first + 1], new[: first + 1])
+    assert (out[first:] == stop).all()
 
 
 def _tiny(**kw):

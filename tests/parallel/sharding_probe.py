@@ -62,7 +62,7 @@ def main(workdir, params_mode, opt_mode):
     c.sharding.params, c.sharding.opt_state = params_mode, opt_mode
     mesh = parallel.make_mesh(c.mesh.to_dict())
     model, tok, _, frozen, state, tx, schedule = train_lib.setup(c, mesh)
-    batches, _, _ = train_lib.build_data(c, tok)
+    batches = train_lib.build_data(c, tok).train
     shardings = jax.tree.map(lambda x: x.sharding, state)
     step = train_lib.jit_train_step(model, tx, schedule, shardings, c.seed)
     before = describe(state)

@@ -95,7 +95,7 @@ def test_resume_may_extend_the_run_and_change_bookkeeping(short_run, tmp_path):
     workdir = _copy(short_run, tmp_path)
     run(workdir, "--config.train.steps=6", "--config.checkpoint_every=3", "--config.eval_every=3")
     rows = metrics(workdir)
-    assert rows[:4] == metrics(short_run) and [r["step"] for r in rows[4:]] == [5, 6]
+    assert rows[:5] == metrics(short_run) and [r["step"] for r in rows[5:]] == [5, 6]
     assert json.loads((workdir / "final_metrics.json").read_text())["step"] == 6
     assert json.loads((workdir / "run_config.json").read_text())["train"]["steps"] == 6
 
@@ -186,7 +186,7 @@ def test_a_read_only_checkpoint_directory_stops_the_run_at_once_without_hanging(
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4"]
     run(workdir, *extra)  # writable again: the same command resumes
     rows = metrics(workdir)
-    assert rows[:4] == metrics(short_run) and [r["step"] for r in rows[4:]] == [5, 6]
+    assert rows[:5] == metrics(short_run) and [r["step"] for r in rows[5:]] == [5, 6]
 
 
 # --- damaged checkpoints are detected and fallen back from ------------------------------------------

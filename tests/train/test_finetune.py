@@ -29,8 +29,10 @@ def full_run(tmp_path_factory):
 
 
 def test_run_writes_metrics_checkpoint_and_exports(full_run):
-    rows = _metrics(full_run)
+    before, *rows = _metrics(full_run)
+    assert before["step"] == 0 and {"eval_loss", "exact_match", "exact_match_normalized"} <= set(before)
     assert [r["step"] for r in rows] == list(range(1, 31))
+    assert rows[9]["eval_loss"] < before["eval_loss"]
     losses = np.array([r["loss"] for r in rows])
     # LoRA on a random 1-layer base learns slowly (measured: ~5.5 -> ~5.2 in 30 steps); single
     # steps scatter by ~0.05, so a 0.1 drop of 5- and 10-step means is well outside the noise
@@ -76,6 +78,27 @@ def test_killed_run_resumes_with_identical_metrics(full_run, tmp_path):
     assert not (tmp_path / "final_metrics.json").exists(), "the run finished before it could be killed"
     _run(tmp_path, "--config.train.steps=30", "--config.checkpoint_every=10")
     assert _metrics(tmp_path) == _metrics(full_run)
+
+
+def test_a_run_resumed_inside_a_logging_window_counts_the_whole_window(tmp_path):
+    """The token counts of a window the kill cut in two include its steps from before the kill
+    (they travel in the checkpoint): log every 7 steps, checkpoint every 2."""
+    args = ("--config.train.steps=16", "--config.checkpoint_every=2", "--config.log_every=7")
+    _run(tmp_path / "whole", *args)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen(_cmd(tmp_path / "cut", *args), cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (tmp_path / "cut" / "checkpoints" / "2").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step = max(int(p.name) for p in (tmp_path / "cut" / "checkpoints").iterdir() if p.name.isdigit())
+    assert step % 7, f"killed at step {step}, a window boundary: nothing to check"
+    _run(tmp_path / "cut", *args)
+    whole, cut = _metrics(tmp_path / "whole"), _metrics(tmp_path / "cut")
+    assert [r["step"] for r in cut] == [0, 7, 14, 16]
+    assert all(r["processed_tokens"] > r["target_tokens"] > 0 for r in cut[1:])
+    assert cut == whole
 
 
 def test_evaluate_only_refuses_a_workdir_that_holds_a_run(full_run, tmp_path):
@@ -174,7 +197,7 @@ def test_full_parameter_pre_step_exports_a_base_the_next_run_loads(tmp_path):
         [*cmd, f"--workdir={tmp_path / 'pre'}", *common, "--config.train.steps=20", "--config.eval_every=20"],
         cwd=ROOT, env=env, capture_output=True, text=True, check=True,
     )  # fmt: skip
-    rows = _metrics(tmp_path / "pre")
+    _, *rows = _metrics(tmp_path / "pre")  # the first row is the evaluation before training
     assert np.mean([r["loss"] for r in rows[-5:]]) < np.mean([r["loss"] for r in rows[:5]]) - 0.5
     model = tmp_path / "pre" / "export" / "model"
     assert sorted(p.name for p in model.iterdir()) == ["byte_tokenizer.json", "config.json", "model.safetensors"]
@@ -258,3 +281,85 @@ def test_a_nan_stop_before_the_first_checkpoint_says_there_is_none(tmp_path):
         "non-finite loss nan at step 2; stopping. No checkpoint was written yet (the first is due at step 10): "
         "there is none to resume."
     )
+
+
+@pytest.fixture(scope="module")
+def chat_checkpoint(tmp_path_factory):
+    """A random tiny LLaMA whose vocabulary is the SmolLM2-style ChatML tokenizer's (tests/fixtures/chat),
+    and a messages JSONL of arithmetic questions."""
+    import jax
+    import jax.numpy as jnp
+
+    from qlora_jax.data import load_tokenizer
+    from qlora_jax.nn import LlamaConfig, LlamaForCausalLM
+    from qlora_jax.train import export
+
+    root = tmp_path_factory.mktemp("chat")
+    src = ROOT / "tests" / "fixtures" / "chat" / "smollm2"
+    tok = load_tokenizer(src)
+    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)  # fmt: skip
+    frozen = LlamaForCausalLM(cfg, dtype=jnp.float32).init(jax.random.key(0), jnp.ones((1, 4), jnp.int32))["frozen"]
+    export.export_hf(root / "model", cfg, frozen)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / name, root / "model" / name)
+    rng = np.random.default_rng(0)
+    with (root / "chat.jsonl").open("w") as f:
+        for _ in range(80):
+            a, b = (int(x) for x in rng.integers(0, 50, 2))
+            turns = [{"role": "user", "content": f"What is {a} + {b}?"}, {"role": "assistant", "content": str(a + b)}]
+            if rng.random() < 0.5:  # some two-turn conversations: loss on both answers
+                turns += [
+                    {"role": "user", "content": "And doubled?"},
+                    {"role": "assistant", "content": str(2 * (a + b))},
+                ]
+            f.write(json.dumps({"messages": turns}) + "\n")
+    return root
+
+
+def _chat_run(root, workdir, *extra):
+    return _run(
+        workdir, f"--config.model_path={root / 'model'}", "--config.data.kind=jsonl", "--config.data.format=chat",
+        f"--config.data.path={root / 'chat.jsonl'}", "--config.data.source_max_len=224",
+        "--config.data.target_max_len=32", "--config.train.steps=6", "--config.checkpoint_every=6",
+        "--config.eval_every=3", "--config.num_generate=3", *extra,
+    )  # fmt: skip
+
+
+def test_chat_data_in_the_models_template_packed_with_metrics_for_every_window(chat_checkpoint, tmp_path):
+    """messages JSONL on a ChatML checkpoint: generations from the template's generation prompt and scored
+    before training and at each eval; target and processed token counts cover the whole logging window."""
+    _chat_run(chat_checkpoint, tmp_path / "every", "--config.data.packing=True", "--config.log_every=1")
+    _chat_run(chat_checkpoint, tmp_path / "window", "--config.data.packing=True", "--config.log_every=3")
+    every, window = _metrics(tmp_path / "every"), _metrics(tmp_path / "window")
+    assert every[0]["step"] == 0 and "exact_match" in every[0] and "exact_match_normalized" in every[0]
+    assert [r["step"] for r in window] == [0, 3, 6]
+    for end in (3, 6):  # the window of 3 steps counts what the 3 single-step windows counted
+        steps = [r for r in every if end - 3 < r["step"] <= end]
+        assert (
+            window[end // 3]["target_tokens"]
+            == sum(r["target_tokens"] for r in steps)
+            == sum(r["tokens"] for r in steps)
+        )
+        assert window[end // 3]["processed_tokens"] == sum(r["processed_tokens"] for r in steps)
+    assert all(r["processed_tokens"] > r["target_tokens"] > 0 for r in every[1:])
+    samples = [json.loads(line) for line in (tmp_path / "every" / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 3
+    for s in samples:  # the SmolLM2 template's default system prompt, then the generation prompt
+        assert s["source"].startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+        assert s["source"].endswith("<|im_start|>assistant\n") and s["target"].isdigit()
+    _chat_run(chat_checkpoint, tmp_path / "unpacked", "--config.log_every=1")
+    unpacked = _metrics(tmp_path / "unpacked")
+    # packing fills rows with several conversations: more tokens per step for the same batch size
+    assert sum(r["processed_tokens"] for r in every[1:]) > 2 * sum(r["processed_tokens"] for r in unpacked[1:])
+    assert every[0] == unpacked[0]  # evaluation (unpacked in both) before training
+
+
+def test_chat_recipe_packs_and_keeps_the_qlora_settings():
+    from experiments.configs import chat, llama_alpaca
+
+    c, ref = chat.get_config(), llama_alpaca.get_config()
+    assert (c.data.format, c.data.train_on, c.data.packing) == ("chat", "all_assistant", True)
+    for key in ("quant", "lora", "train"):
+        assert c[key].to_dict() == ref[key].to_dict(), key
+    assert c.num_generate > 0 and ref.data.format == "alpaca" and not ref.data.packing
