@@ -1,4 +1,4 @@
-"""Chat templates against transformers 5.23's ``apply_chat_template`` (fixtures/chat, written by
+"""Chat templates against transformers 5.24's ``apply_chat_template`` (fixtures/chat, written by
 fixtures/make_chat_fixtures.py), and loss masks that decode to exactly the assistant's turns."""
 
 import json
