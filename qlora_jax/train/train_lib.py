@@ -518,7 +518,8 @@ def _train(run: _Run, train_step, state, start: int, window: dict | None = None)
             window["targets"] += int(sum(target_mask(m, np).sum() for m in micro))
             state, metrics = train_step(state, run.frozen, parallel.global_batch(host, train_batch_sharding))
             done = step + 1
-            if done % config.log_every == 0 or done == t.steps:
+            evaluate = done % config.eval_every == 0 or done == t.steps
+            if done % config.log_every == 0 or evaluate:  # an evaluation always gets its row
                 m = {k: float(v) for k, v in metrics.items()}
                 if not math.isfinite(m["loss"]):
                     _stop_diverged(
@@ -531,7 +532,7 @@ def _train(run: _Run, train_step, state, start: int, window: dict | None = None)
                 stats = jax.local_devices()[0].memory_stats() or {}
                 if "bytes_in_use" in stats:
                     m["device_bytes_in_use"] = stats["bytes_in_use"]
-                if done % config.eval_every == 0 or done == t.steps:
+                if evaluate:
                     m.update(run.evaluate(state.params))
                 last = {"step": done, **m}
                 if run.chief:
