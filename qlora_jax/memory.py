@@ -191,7 +191,6 @@ def frozen_bytes(cfg: LlamaConfig, quant: QuantConfig | None, dtype=jnp.bfloat16
 
 def optimizer_state_bytes(
     shapes: list[tuple[int, ...]],
-    dtype,
     optimizer: str = "adamw",
     paged: bool = True,
     min_size: int = PAGED_MIN_SIZE,
@@ -200,7 +199,7 @@ def optimizer_state_bytes(
     """Optimizer-state bytes by memory kind (``device``, ``pinned_host``) for params of ``shapes``.
 
     The state of ``train_lib.build_optimizer``: ``chain(clip_by_global_norm, adamw)`` or the
-    8-bit variant, optionally ``paged``. AdamW: ``mu``, ``nu`` in the parameter dtype + an int32
+    8-bit variant, optionally ``paged``. AdamW: ``mu``, ``nu`` in float32 + an int32
     count (+ the schedule's int32 count). 8-bit: per parameter of >= 4096 elements uint8 ``mu``
     and ``nu`` codes (param-shaped, so pageable) and float32 absmax per 256 (not param-shaped, so
     never paged); smaller parameters keep float32 moments and empty absmax.
@@ -211,7 +210,7 @@ def optimizer_state_bytes(
     for shape in shapes:
         n = int(np.prod(shape, dtype=np.int64))
         if optimizer == "adamw":
-            moment, extra = n * _itemsize(dtype), 0
+            moment, extra = 4 * n, 0  # float32 whatever the adapters' dtype (optim.float32_moments)
         elif n < ADAM8BIT_MIN_SIZE:
             moment, extra = 4 * n, 0
         else:
@@ -328,7 +327,6 @@ class MemoryPlan:
     optimizer_host: int
     activations: dict[str, int]
     update_extra: int
-    unaliased_outputs: int
     batch_bytes: int
     device_memory: int | None
     notes: tuple[str, ...] = ()
@@ -348,7 +346,6 @@ class MemoryPlan:
             + self.optimizer_device
             + self.activation_total
             + self.update_extra
-            + self.unaliased_outputs
             + self.batch_bytes
         )
 
@@ -385,7 +382,6 @@ class MemoryPlan:
             ("activations: working", a["working"], "device", "estimate: max(head, one block)"),
             ("activations: dequantized", a["dequantized"], "device", "one block's weights in compute dtype"),
             ("optimizer update extra", self.update_extra, "device", "paged moments fetched, beyond backward"),
-            ("outputs not aliased", self.unaliased_outputs, "device", "measured: bf16 adapters, not paged"),
             ("batch", self.batch_bytes, "device", "exact"),
         ]
 
@@ -495,7 +491,7 @@ def plan(
     param_fsdp = fsdp if shard_params else 1
     adapters = sum(array_nbytes_per_device(s, _itemsize(ldtype), param_fsdp) for s in shapes)
     grads = adapters * (2 if accum_steps > 1 else 1)
-    opt = optimizer_state_bytes(shapes, ldtype, optimizer, paged, min_size)
+    opt = optimizer_state_bytes(shapes, optimizer, paged, min_size)
     opt_host = opt.get("pinned_host", 0) // param_fsdp
     opt_device = opt["device"] // param_fsdp if shard_params else opt["device"]
     acts = activation_bytes(model_config, lora, quant, batch // devices, seq_len, remat, dtype, backend)
@@ -504,12 +500,10 @@ def plan(
     # with chunk_bytes=None, else the largest chunk) and new ones are written before going back.
     fetched = opt_host
     if chunk_bytes is not None and opt_host:
-        per_param = [2 * n * (1 if optimizer == "adamw_8bit" else _itemsize(ldtype)) for n in map(np.prod, shapes)]
+        per_param = [2 * n * (1 if optimizer == "adamw_8bit" else 4) for n in map(np.prod, shapes)]
         largest = max(b for b, n in zip(per_param, map(np.prod, shapes), strict=True) if n >= min_size)
         fetched = min(opt_host, max(chunk_bytes, largest // param_fsdp))
     update_extra = max(0, 2 * fetched - backward)
-    bf16_adapters = lora is not None and jnp.dtype(ldtype) == jnp.bfloat16
-    unaliased = 2 * adapters if (bf16_adapters and not opt_host) else 0
     batch_bytes = accum_steps * (batch // devices) * seq_len * (4 + 1 + 1)
     notes = []
     if opt_host:
@@ -524,7 +518,6 @@ def plan(
         optimizer_host=opt_host,
         activations=acts,
         update_extra=update_extra,
-        unaliased_outputs=unaliased,
         batch_bytes=batch_bytes,
         device_memory=device_memory,
         notes=tuple(notes),
@@ -556,8 +549,11 @@ def build_optimizer(optimizer: str = "adamw", paged: bool = True, min_size: int 
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}; got {optimizer!r}")
     schedule = optax.join_schedules([optax.linear_schedule(0.0, 2e-4, 10), optax.constant_schedule(2e-4)], [10])
-    base = optim.adamw_8bit if optimizer == "adamw_8bit" else optax.adamw
-    inner = optax.chain(optax.clip_by_global_norm(0.3), base(schedule, b2=0.999, weight_decay=0.0))
+    if optimizer == "adamw_8bit":
+        adam = optim.adamw_8bit(schedule, b2=0.999, weight_decay=0.0)
+    else:
+        adam = optim.float32_moments(optax.adamw(schedule, b2=0.999, weight_decay=0.0))
+    inner = optax.chain(optax.clip_by_global_norm(0.3), adam)
     return (optim.paged(inner, min_size=min_size) if paged else inner), inner
 
 

@@ -48,7 +48,7 @@ from qlora_jax.data import (
     tokenize,
 )
 from qlora_jax.nn import LlamaConfig, LlamaForCausalLM, LoRAConfig, QuantConfig, generate, split_params
-from qlora_jax.optim import adamw_8bit, paged
+from qlora_jax.optim import adamw_8bit, float32_moments, paged
 from qlora_jax.train import export
 from qlora_jax.train.steps import TrainState, make_eval_step, make_train_step, target_mask
 from qlora_jax.train.validate import validate_config
@@ -183,10 +183,11 @@ def build_optimizer(config):
     schedule = optax.join_schedules(
         [optax.linear_schedule(0.0, t.learning_rate, max(warmup, 1)), decays[t.lr_schedule]()], [warmup]
     )
-    base = adamw_8bit if t.optimizer.endswith("8bit") else optax.adamw
-    inner = optax.chain(
-        optax.clip_by_global_norm(t.max_grad_norm), base(schedule, b2=t.adam_b2, weight_decay=t.weight_decay)
-    )
+    if t.optimizer.endswith("8bit"):
+        adam = adamw_8bit(schedule, b2=t.adam_b2, weight_decay=t.weight_decay)
+    else:
+        adam = float32_moments(optax.adamw(schedule, b2=t.adam_b2, weight_decay=t.weight_decay))
+    inner = optax.chain(optax.clip_by_global_norm(t.max_grad_norm), adam)
     if not t.optimizer.startswith("paged"):
         return inner, schedule
     return paged(inner, min_size=t.paged_min_size, chunk_bytes=t.paged_chunk_bytes or None), schedule

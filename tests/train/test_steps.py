@@ -123,3 +123,31 @@ def test_packed_rows_give_the_loss_and_gradients_of_the_same_examples_unpacked(f
     # without segment ids the same rows are one long sequence: another loss (the test can fail)
     leaky = {k: v for k, v in packed.items() if k not in ("segment_ids", "positions")}
     assert abs(float(jax.jit(mean_loss)(params, leaky)) - float(want)) > 1e-4
+
+
+@pytest.mark.parametrize("optimizer", ["paged_adamw", "adamw", "paged_adamw_8bit"])
+def test_bf16_adapters_keep_the_train_states_types_and_one_compilation(optimizer):
+    """The step's output state has the input's dtypes (the 32-bit moments of bitsandbytes'
+    AdamW), so the jitted step compiles once: with bf16 adapters optax's first moment started
+    in bf16 and came back float32, and step 2 compiled again."""
+    from experiments.configs import tiny
+    from qlora_jax import parallel
+    from qlora_jax.train import train_lib
+
+    c = tiny.get_config()
+    c.model.hidden_size, c.model.intermediate_size, c.model.num_hidden_layers = 64, 128, 1
+    c.lora.dtype, c.train.optimizer, c.train.batch_size, c.train.paged_min_size = "bfloat16", optimizer, 4, 1000
+    mesh = parallel.make_mesh(c.mesh.to_dict())
+    model, _, _, frozen, state, tx, schedule = train_lib.setup(c, mesh)
+    types = lambda tree: [(x.dtype, x.shape) for x in jax.tree.leaves(tree)]  # noqa: E731
+    before = types(state.opt_state)
+    if not optimizer.endswith("8bit"):  # both moments float32 (the 8-bit ones are codes + scales)
+        assert {d for d, _ in before} == {jnp.dtype(jnp.int32), jnp.dtype(jnp.float32)}
+    step = train_lib.jit_train_step(model, tx, schedule, jax.tree.map(lambda x: x.sharding, state), seed=0)
+    batch = {k: jnp.asarray(v)[None] for k, v in _batch(np.random.default_rng(0)).items()}
+    with jax.set_mesh(mesh):
+        for _ in range(3):
+            state, metrics = step(state, frozen, batch)
+    assert np.isfinite(float(metrics["loss"]))
+    assert types(state.opt_state) == before
+    assert step._cache_size() == 1
