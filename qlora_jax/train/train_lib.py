@@ -117,7 +117,12 @@ class Data:
 
 def _chat_template(config, tok) -> str | None:
     """``data.chat_template`` resolved (None: the tokenizer's own, or the default)."""
-    return tok.template(config.data.chat_template) if config.data.chat_template else None
+    if not config.data.chat_template:
+        return None
+    try:
+        return tok.template(config.data.chat_template)
+    except ValueError as e:
+        raise ValueError(f"config.data.chat_template: {e}") from None
 
 
 def build_data(config, tok) -> Data:

@@ -347,3 +347,14 @@ def test_chat_recipe_packs_and_keeps_the_qlora_settings():
     for key in ("quant", "lora", "train"):
         assert c[key].to_dict() == ref[key].to_dict(), key
     assert c.num_generate > 0 and ref.data.format == "alpaca" and not ref.data.packing
+
+
+def test_a_missing_chat_template_file_names_the_config_key(tmp_path):
+    from experiments.configs import tiny
+    from qlora_jax.data import ByteTokenizer
+    from qlora_jax.train import train_lib
+
+    c = tiny.get_config()
+    c.data.chat_template = str(tmp_path / "nope.jinja")
+    with pytest.raises(ValueError, match=r"^config.data.chat_template: chat template file '.*nope.jinja' does not"):
+        train_lib._chat_template(c, ByteTokenizer())
