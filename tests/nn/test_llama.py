@@ -63,6 +63,33 @@ def test_kv_cache_generation_equals_recomputation(name):
     np.testing.assert_array_equal(np.asarray(out), np.asarray(seq))
 
 
+def test_generation_compiles_once_per_prompt_length_bucket():
+    """Prompts of 10, 11, 13 and 16 tokens share the 16-token bucket: one compilation, and the
+    same tokens as without the bucket's extra left padding; 17 tokens open the next bucket."""
+    from qlora_jax.nn.generate import _generate, prompt_bucket
+
+    assert [prompt_bucket(n) for n in (1, 16, 17, 32, 33, 100)] == [16, 16, 32, 32, 64, 128]
+    ref = reference("qwen2")
+    model, v = load_pretrained(HF / "qwen2", quant=None, dtype=jnp.float32, progress=False)
+    ids, mask = np.asarray(ref["input_ids"][:, :10]), np.asarray(ref["attention_mask"][:, :10])
+    before = _generate._cache_size()
+    for width in (10, 11, 13, 16):
+        extra = width - 10  # more left padding: the same prompts
+        wide_ids, wide_mask = np.pad(ids, ((0, 0), (extra, 0))), np.pad(mask, ((0, 0), (extra, 0)))
+        out = generate(model, v, jnp.asarray(wide_ids), jnp.asarray(wide_mask), max_new_tokens=4)
+        assert out.shape == (2, width + 4)
+        np.testing.assert_array_equal(np.asarray(out)[:, :width], wide_ids)
+        if width == 10:
+            new = np.asarray(out)[:, 10:]
+            exact = generate(model, v, jnp.asarray(ids), jnp.asarray(mask), max_new_tokens=4, bucket=False)
+            np.testing.assert_array_equal(np.asarray(exact)[:, 10:], new)
+        np.testing.assert_array_equal(np.asarray(out)[:, width:], new)
+    assert _generate._cache_size() - before == 2  # the 16 bucket, and the unbucketed call
+    generate(model, v, jnp.asarray(np.pad(ids, ((0, 0), (7, 0)))), jnp.asarray(np.pad(mask, ((0, 0), (7, 0)))),
+             max_new_tokens=4)  # fmt: skip
+    assert _generate._cache_size() - before == 3
+
+
 def test_quantized_generation_runs_the_same_path():
     ref = reference("llama_gqa")
     model, v = load_pretrained(HF / "llama_gqa", quant=QuantConfig(), dtype=jnp.float32, progress=False)
