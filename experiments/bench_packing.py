@@ -89,7 +89,6 @@ def main(argv):
     step = train_lib.jit_train_step(model, tx, schedule, state_shardings, seed=0)
     sharding = parallel.batch_sharding(mesh, 3, batch_axis=1)
     row = _SOURCE.value + _TARGET.value
-    padding = {name: b.padding_fraction() if name == "packed" else None for name, b in data.items()}
     counts = {name: {"tokens": 0, "targets": 0, "examples": 0, "times": []} for name in data}
 
     def run(name, timed: bool):
@@ -127,8 +126,7 @@ def main(argv):
         result[name] = {"padding": pad, "step_s": med, "tokens_s": per_step[0] / med, "targets_s": per_step[1] / med}
         print(f"{name:>9} {pad:>8.1%} {c['examples'] / (steps * _BATCH.value):>13.2f} {med:>7.2f} "
               f"{per_step[0] / med:>9.0f} {per_step[1] / med:>13.0f}")  # fmt: skip
-    if padding["packed"] is not None:
-        print(f"packed rows of the whole epoch: {padding['packed']:.1%} padding")
+    print(f"packed rows of the whole epoch: {data['packed'].padding_fraction():.1%} padding")
     p, u = result["packed"], result["unpacked"]
     print(f"packed / unpacked: step time {p['step_s'] / u['step_s']:.2f}x, processed tokens/s "
           f"{p['tokens_s'] / u['tokens_s']:.2f}x, target tokens/s {p['targets_s'] / u['targets_s']:.2f}x")  # fmt: skip

@@ -549,10 +549,7 @@ def build_optimizer(optimizer: str = "adamw", paged: bool = True, min_size: int 
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}; got {optimizer!r}")
     schedule = optax.join_schedules([optax.linear_schedule(0.0, 2e-4, 10), optax.constant_schedule(2e-4)], [10])
-    if optimizer == "adamw_8bit":
-        adam = optim.adamw_8bit(schedule, b2=0.999, weight_decay=0.0)
-    else:
-        adam = optim.float32_moments(optax.adamw(schedule, b2=0.999, weight_decay=0.0))
+    adam = optim.adamw(schedule, b2=0.999, weight_decay=0.0, eight_bit=optimizer == "adamw_8bit")
     inner = optax.chain(optax.clip_by_global_norm(0.3), adam)
     return (optim.paged(inner, min_size=min_size) if paged else inner), inner
 

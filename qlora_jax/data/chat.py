@@ -280,13 +280,16 @@ def tokenize_conversation(
     """
     if train_on not in TRAIN_ON:
         raise ValueError(f"train_on must be one of {TRAIN_ON}; got {train_on!r}")
+    if train_on == "all":  # no spans needed: any template renders, even one prefix renders cannot mask
+        ids = np.asarray(
+            tokenizer.encode_rendered(render_conversation(tokenizer, messages, chat_template=chat_template))[0],
+            np.int32,
+        )
+        return ids, np.ones(len(ids), bool)
     text, spans = assistant_spans(tokenizer, messages, chat_template=chat_template)
     ids, offsets = tokenizer.encode_rendered(text)
     ids = np.asarray(ids, np.int32)
     mask = np.zeros(len(ids), bool)
-    if train_on == "all":
-        mask[:] = True
-        return ids, mask
     if train_on == "last_assistant":
         spans = spans[-1:]
     starts = np.array([o[0] for o in offsets], np.int64).reshape(-1)

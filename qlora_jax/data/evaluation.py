@@ -14,7 +14,7 @@ import dataclasses
 import re
 import string
 
-from qlora_jax.data.chat import apply_chat_template, render_conversation, tokenize_conversation
+from qlora_jax.data.chat import render_conversation, tokenize_conversation
 from qlora_jax.data.jsonl import Conversation
 
 
@@ -37,10 +37,10 @@ def generation_items(
             messages = list(ex.messages)
             if messages[-1]["role"] != "assistant" or len(messages) < 2:
                 continue
-            ids = apply_chat_template(tokenizer, messages[:-1], add_generation_prompt=True, chat_template=chat_template)
             text = render_conversation(
                 tokenizer, messages[:-1], add_generation_prompt=True, chat_template=chat_template
             )
+            ids = list(tokenizer.encode_rendered(text)[0])  # as apply_chat_template, from the one render
             target = messages[-1]["content"]
         elif raw_text:
             tokens = tokenizer.encode(ex.target)

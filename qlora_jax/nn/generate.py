@@ -57,7 +57,6 @@ def generate(
         raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1; got {temperature}, {top_p}")
     if attention_mask is None:
         attention_mask = jnp.ones(input_ids.shape, jnp.int32)
-    prompt = input_ids
     extra = prompt_bucket(input_ids.shape[1]) - input_ids.shape[1] if bucket else 0
     if extra:
         input_ids = jnp.pad(jnp.asarray(input_ids), ((0, 0), (extra, 0)))
@@ -68,7 +67,7 @@ def generate(
     out = _generate(
         model, variables, input_ids, attention_mask, rng, max_new_tokens, float(temperature), float(top_p), stops
     )
-    return jnp.concatenate([jnp.asarray(prompt, jnp.int32), out[:, input_ids.shape[1] :]], axis=1) if extra else out
+    return out[:, extra:]  # the bucket's padding off again
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5, 6, 7, 8))

@@ -24,3 +24,13 @@ def float32_moments(tx: optax.GradientTransformation) -> optax.GradientTransform
         return tx.init(jax.tree.map(as_f32, params))
 
     return optax.GradientTransformation(init, tx.update)
+
+
+def adamw(learning_rate, *, b2: float = 0.999, weight_decay: float = 0.0, eight_bit: bool = False):
+    """The AdamW of ``config.train.optimizer``: 8-bit block-wise moments (:func:`adamw_8bit`), or
+    optax's with float32 moments."""
+    from qlora_jax.optim.adam8bit import adamw_8bit
+
+    if eight_bit:
+        return adamw_8bit(learning_rate, b2=b2, weight_decay=weight_decay)
+    return float32_moments(optax.adamw(learning_rate, b2=b2, weight_decay=weight_decay))

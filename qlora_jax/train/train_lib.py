@@ -32,7 +32,7 @@ import orbax.checkpoint as ocp
 from tensorboardX import SummaryWriter
 from tqdm.auto import tqdm
 
-from qlora_jax import parallel, quant
+from qlora_jax import optim, parallel, quant
 from qlora_jax.checkpoints import load_pretrained
 from qlora_jax.data import (
     Batches,
@@ -48,7 +48,7 @@ from qlora_jax.data import (
     tokenize,
 )
 from qlora_jax.nn import LlamaConfig, LlamaForCausalLM, LoRAConfig, QuantConfig, generate, split_params
-from qlora_jax.optim import adamw_8bit, float32_moments, paged
+from qlora_jax.optim import paged
 from qlora_jax.train import export
 from qlora_jax.train.steps import TrainState, make_eval_step, make_train_step, target_mask
 from qlora_jax.train.validate import validate_config
@@ -188,10 +188,7 @@ def build_optimizer(config):
     schedule = optax.join_schedules(
         [optax.linear_schedule(0.0, t.learning_rate, max(warmup, 1)), decays[t.lr_schedule]()], [warmup]
     )
-    if t.optimizer.endswith("8bit"):
-        adam = adamw_8bit(schedule, b2=t.adam_b2, weight_decay=t.weight_decay)
-    else:
-        adam = float32_moments(optax.adamw(schedule, b2=t.adam_b2, weight_decay=t.weight_decay))
+    adam = optim.adamw(schedule, b2=t.adam_b2, weight_decay=t.weight_decay, eight_bit=t.optimizer.endswith("8bit"))
     inner = optax.chain(optax.clip_by_global_norm(t.max_grad_norm), adam)
     if not t.optimizer.startswith("paged"):
         return inner, schedule
@@ -391,6 +388,7 @@ class _Run:
     eval_step: Any
     metrics_file: pathlib.Path
     tensorboard: Any = None
+    answers: dict = dataclasses.field(default_factory=dict)  # step -> the greedy answers its evaluation made
 
     @property
     def collection(self) -> str:
@@ -405,16 +403,14 @@ class _Run:
                 self.data.stop_ids,
             )  # fmt: skip
 
-    def evaluate(self, params) -> dict:
+    def evaluate(self, params, step: int) -> dict:
         """Eval loss and perplexity; with a generation set, exact match (plain and normalized)."""
         sharding = parallel.batch_sharding(self.mesh, 2)
         m = _evaluate(self.eval_step, params, self.frozen, self.data.eval, sharding, self.config)
         if self.data.generation:
-            answers = self.generate(params)
-            m["exact_match"] = exact_match(answers, [it.target for it in self.data.generation])
-            m["exact_match_normalized"] = exact_match(
-                answers, [it.target for it in self.data.generation], normalize=True
-            )
+            answers = self.answers[step] = self.generate(params)
+            m["exact_match"] = exact_match(answers, self.data.generation)
+            m["exact_match_normalized"] = exact_match(answers, self.data.generation, normalize=True)
         return m
 
 
@@ -445,16 +441,17 @@ def _run(config, workdir: pathlib.Path, ckpt: Checkpoints, chief: bool) -> dict:
         window = meta.get("window")  # absent from checkpoints of before 2026-12-02
         start = int(state.step)
         logging.info("resumed from step %d", start)
-    rows = _read_metrics(run.metrics_file, start) if chief else []
+    again = start == 0 and final is None  # (re-)evaluate the model before training: no row of before stays
+    rows = _read_metrics(run.metrics_file, start) if chief and not again else []
     # a run killed after its last checkpoint (during the exports) has its final row logged already
     last = final or (rows[-1] if start and rows and rows[-1]["step"] == start else {})
     if chief:  # keep only what the restored state had logged; a killed run may have logged further
         run.metrics_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        run.tensorboard = SummaryWriter(str(workdir / "tensorboard"), purge_step=start + 1)
+        run.tensorboard = SummaryWriter(str(workdir / "tensorboard"), purge_step=0 if again else start + 1)
     try:
-        if start == 0 and final is None:  # the model before training (or, with train.steps=0, only that)
+        if again:  # the model before training (or, with train.steps=0, only that)
             with jax.set_mesh(mesh):
-                last = {"step": 0, **run.evaluate(state.params)}
+                last = {"step": 0, **run.evaluate(state.params, 0)}
             if chief:
                 _log(run, last)
         if start < t.steps:
@@ -539,7 +536,7 @@ def _train(run: _Run, train_step, state, start: int, window: dict | None = None)
                 if "bytes_in_use" in stats:
                     m["device_bytes_in_use"] = stats["bytes_in_use"]
                 if evaluate:
-                    m.update(run.evaluate(state.params))
+                    m.update(run.evaluate(state.params, done))
                 last = {"step": done, **m}
                 if run.chief:
                     _log(run, last)
@@ -563,7 +560,7 @@ def _finish(run: _Run, state, last: dict, write_final: bool) -> dict:
     needs_base = not _full(config) and (not config.model_path or config.export.merged or config.export.quantized)
     base = parallel.to_host(run.frozen["frozen"]) if needs_base else None
     if run.data.generation:  # every data kind: the prompts, targets and greedy answers
-        answers = run.generate(state.params)
+        answers = run.answers.get(int(state.step)) or run.generate(state.params)  # the last eval's, if it made them
         if run.chief:
             with (workdir / "samples.jsonl").open("w") as f:
                 for it, a in zip(run.data.generation, answers, strict=True):

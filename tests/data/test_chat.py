@@ -169,3 +169,7 @@ def test_a_template_that_rewrites_earlier_turns_asks_for_generation_blocks():
     )
     with pytest.raises(ChatTemplateError, match=r"assistant message 1: .*\{% generation %\} blocks"):
         tokenize_conversation(_tok("chatml"), CONVERSATIONS["multi_turn"], chat_template=rewriting)
+    # the other way out the message offers: train_on="all" needs no spans, so it renders
+    tok = _tok("chatml")
+    ids, mask = tokenize_conversation(tok, CONVERSATIONS["multi_turn"], chat_template=rewriting, train_on="all")
+    assert mask.all() and list(ids) == apply_chat_template(tok, CONVERSATIONS["multi_turn"], chat_template=rewriting)

@@ -358,3 +358,13 @@ def test_a_missing_chat_template_file_names_the_config_key(tmp_path):
     c.data.chat_template = str(tmp_path / "nope.jinja")
     with pytest.raises(ValueError, match=r"^config.data.chat_template: chat template file '.*nope.jinja' does not"):
         train_lib._chat_template(c, ByteTokenizer())
+
+
+def test_a_run_started_again_before_its_first_checkpoint_logs_step_0_once(tmp_path):
+    """An evaluate-only run killed during its exports (no final_metrics.json) evaluates step 0
+    again on the re-run: that row replaces the old one instead of following it."""
+    _run(tmp_path, "--config.train.steps=0")
+    first = _metrics(tmp_path)
+    (tmp_path / "final_metrics.json").unlink()
+    _run(tmp_path, "--config.train.steps=0")
+    assert [r["step"] for r in _metrics(tmp_path)] == [0] and _metrics(tmp_path) == first
