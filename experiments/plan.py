@@ -23,6 +23,7 @@ import json
 import os
 import re
 
+import numpy as np
 from absl import app, flags
 
 from experiments.configs import tiny
@@ -151,7 +152,7 @@ def paper_comparison() -> str:
     cfg = model_config("llama-7b")
     fb = memory.frozen_bytes(cfg, QuantConfig())
     lora = memory.lora_shapes(cfg, LoRAConfig())
-    params = sum(a * b for a, b in lora)
+    params = sum(int(np.prod(shape)) for shape in lora)
     return "\n".join([
         f"NF4+DQ bits/param of a linear: {bits_per_param(64, True, 256):.4f} (paper: 4.127)",
         f"LLaMA-7B base: {fb.quantized / 1e6:,.0f} MB 4-bit linears + {fb.other / 1e6:,.0f} MB bf16 = "

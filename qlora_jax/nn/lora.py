@@ -109,17 +109,18 @@ class LoRAConfig:
         return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 
 
-def init_lora_a(key: Array, shape: tuple[int, int], init: str, dtype) -> Array:
-    """``lora_a [r, in]``: kaiming_uniform(a=√5) = U(±1/√in) (PEFT default), or N(0, 1/r)."""
-    r, fan_in = shape
+def init_lora_a(key: Array, shape: tuple[int, ...], init: str, dtype) -> Array:
+    """``lora_a [..., r, in]`` (leading axes: stacked layers): kaiming_uniform(a=√5) = U(±1/√in)
+    (PEFT default), or N(0, 1/r)."""
+    *_, r, fan_in = shape
     if init == "gaussian":
         return (jax.random.normal(key, shape, jnp.float32) / math.sqrt(r)).astype(dtype)
     bound = 1.0 / math.sqrt(fan_in)
     return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
 
 
-def init_lora_b(shape: tuple[int, int], dtype) -> Array:
-    """``lora_b [out, r]``: zeros, so a fresh adapter is an exact no-op."""
+def init_lora_b(shape: tuple[int, ...], dtype) -> Array:
+    """``lora_b [..., out, r]``: zeros, so a fresh adapter is an exact no-op."""
     return jnp.zeros(shape, dtype)
 
 

@@ -18,7 +18,7 @@ from safetensors.numpy import save_file
 
 from qlora_jax import quant
 from qlora_jax.checkpoints.hf import hf_tensor_name, save_pretrained_4bit
-from qlora_jax.nn.llama import LlamaConfig, config_to_hf
+from qlora_jax.nn.llama import LlamaConfig, config_to_hf, unstack_layers
 from qlora_jax.nn.lora import LoRAConfig, QuantConfig, hf_module_name, merged_weight
 
 
@@ -34,7 +34,7 @@ def export_peft_adapter(path, params: dict, lora: LoRAConfig, base_model_name_or
     root.mkdir(parents=True, exist_ok=True)
     tensors = {
         peft_tensor_name(p): np.asarray(jax.device_get(v), np.float32)
-        for p, v in traverse_util.flatten_dict(params).items()
+        for p, v in traverse_util.flatten_dict(unstack_layers(params)).items()
     }
     save_file(tensors, str(root / "adapter_model.safetensors"), metadata={"format": "pt"})
     config = {
@@ -58,9 +58,9 @@ def export_peft_adapter(path, params: dict, lora: LoRAConfig, base_model_name_or
 
 def _hf_tensors(frozen: dict, dtype, params: dict | None = None, lora: LoRAConfig | None = None):
     """The frozen tree as transformers tensors (dequantized), optionally with adapters merged."""
-    flat_params = traverse_util.flatten_dict(params) if params is not None else {}
+    flat_params = traverse_util.flatten_dict(unstack_layers(params)) if params is not None else {}
     out = {}
-    for p, v in traverse_util.flatten_dict(frozen).items():
+    for p, v in traverse_util.flatten_dict(unstack_layers(frozen)).items():
         if p[-1] == "kernel" and p[0] != "lm_head" and (*p[:-1], "lora_a") in flat_params:
             a, b = flat_params[(*p[:-1], "lora_a")], flat_params[(*p[:-1], "lora_b")]
             w = merged_weight(v, a, b, lora.scale).astype(jnp.float32)
@@ -91,5 +91,5 @@ def export_quantized(path, config: LlamaConfig, frozen: dict, quant_config: Quan
         storage = quant_config.for_module(hf_module_name(p[:-1]))  # None: kept in 16 bits (skip_modules)
         return v if storage is None else storage.quantize(v, hf_tensor_name(p))
 
-    requantized = {p: requantize(p, v) for p, v in traverse_util.flatten_dict(frozen).items()}
+    requantized = {p: requantize(p, v) for p, v in traverse_util.flatten_dict(unstack_layers(frozen)).items()}
     save_pretrained_4bit(path, config_to_hf(config), traverse_util.unflatten_dict(requantized))

@@ -48,6 +48,7 @@ from qlora_jax.data import (
     tokenize,
 )
 from qlora_jax.nn import LlamaConfig, LlamaForCausalLM, LoRAConfig, QuantConfig, generate, split_params
+from qlora_jax.nn.llama import unstack_layers
 from qlora_jax.optim import paged
 from qlora_jax.train import export
 from qlora_jax.train.steps import TrainState, make_eval_step, make_train_step, target_mask
@@ -255,7 +256,8 @@ def setup(config, mesh):
     params, frozen = split_params(variables)
     if _full(config):
         params, frozen = frozen.pop("frozen"), frozen  # every base weight is trainable
-        stored = [x for x in jax.tree.leaves(params, is_leaf=quant.is_quantized) if quant.is_quantized(x)]
+        per_layer = unstack_layers(params)
+        stored = [x for x in jax.tree.leaves(per_layer, is_leaf=quant.is_quantized) if quant.is_quantized(x)]
         if stored:  # uint8 codes cannot be differentiated
             raise ValueError(
                 f"config.train.trainable='full' needs a 16/32-bit base, but config.model_path={config.model_path} "

@@ -14,11 +14,14 @@ from safetensors.numpy import load_file, save_file
 from qlora_jax import quant
 from qlora_jax.checkpoints import load_pretrained, read_config, save_pretrained_4bit
 from qlora_jax.nn import LoRAConfig, QuantConfig
+from qlora_jax.nn.llama import unstack_layers
 from qlora_jax.quant import codebooks
 
 
 def _linears(frozen):
-    return {k: v for k, v in traverse_util.flatten_dict(frozen).items() if isinstance(v, quant.QuantizedTensor)}
+    """Per-layer QuantizedTensors (the scanned layout unstacked), by path."""
+    flat = traverse_util.flatten_dict(unstack_layers(frozen))
+    return {k: v for k, v in flat.items() if isinstance(v, quant.QuantizedTensor)}
 
 
 def test_bnb_checkpoint_loads_byte_exact_and_matches_its_logits():
@@ -98,9 +101,11 @@ def test_save_of_our_own_quantization_round_trips(tmp_path):
 def test_adapters_are_initialised_like_peft():
     model, v = load_pretrained(HF / "llama_gqa", lora=LoRAConfig(rank=4), seed=3, progress=False)
     assert model.lora.rank == 4
-    a = v["params"]["layers_0"]["mlp"]["down_proj"]["lora_a"]
+    params = unstack_layers(v["params"])
+    a = params["layers_0"]["mlp"]["down_proj"]["lora_a"]
     assert a.shape == (4, 128) and float(jnp.abs(a).max()) <= 1 / np.sqrt(128)
-    np.testing.assert_array_equal(np.asarray(v["params"]["layers_1"]["self_attn"]["q_proj"]["lora_b"]), 0.0)
+    assert not np.array_equal(a, params["layers_1"]["mlp"]["down_proj"]["lora_a"])  # each layer its own draw
+    np.testing.assert_array_equal(np.asarray(params["layers_1"]["self_attn"]["q_proj"]["lora_b"]), 0.0)
     _, again = load_pretrained(HF / "llama_gqa", lora=LoRAConfig(rank=4), seed=3, progress=False)
     jax.tree.map(np.testing.assert_array_equal, v["params"], again["params"])
 
@@ -248,6 +253,7 @@ def test_double_quant_outlier_is_reported_with_its_remedy(tmp_path, caplog):
     assert not q.double_quant and v["frozen"]["layers_0"]["self_attn"]["k_proj"]["kernel"].double_quant
     assert quant.measure_error(w, q)["block_rel_mse"] < 0.02
     _, v = load_pretrained(d, quant=QuantConfig(skip_modules=("layers.0.self_attn.q_proj",)), progress=False)
+    assert set(v["frozen"]) >= {"layers_0", "layers_1"}  # one layer stored apart: the loader unrolls them
     kept = v["frozen"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
     assert not quant.is_quantized(kept)
     np.testing.assert_array_equal(np.asarray(kept, np.float32), np.asarray(jnp.asarray(w, jnp.bfloat16), np.float32))
@@ -273,3 +279,19 @@ def test_skip_modules_round_trip_through_the_bitsandbytes_format(tmp_path):
         np.asarray(back["frozen"]["layers_1"]["mlp"]["down_proj"]["kernel"]),
         np.asarray(v["frozen"]["layers_1"]["mlp"]["down_proj"]["kernel"]),
     )
+
+
+def test_scanned_load_stacks_the_unrolled_tensors():
+    """The scanned layout holds, at index i of every leaf, exactly layer i's tensor of the unrolled one."""
+    cfg = QuantConfig()
+    _, stacked = load_pretrained(HF / "llama_gqa", quant=cfg, lora=LoRAConfig(rank=4), seed=1, progress=False)
+    _, unrolled = load_pretrained(
+        HF / "llama_gqa", quant=cfg, lora=LoRAConfig(rank=4), seed=1, scan_layers=False, progress=False
+    )
+    assert "layers" in stacked["frozen"] and "layers_0" in unrolled["frozen"]
+    a = traverse_util.flatten_dict(unstack_layers(stacked["frozen"]))
+    b = traverse_util.flatten_dict(unrolled["frozen"])
+    assert a.keys() == b.keys()
+    for k in a:
+        for x, y in zip(jax.tree.leaves(a[k]), jax.tree.leaves(b[k]), strict=True):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=str(k))

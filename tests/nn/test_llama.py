@@ -9,7 +9,7 @@ from hf_fixtures import HF, VARIANTS, reference
 from qlora_jax import quant
 from qlora_jax.checkpoints import load_pretrained
 from qlora_jax.nn import LlamaConfig, LlamaForCausalLM, LoRAConfig, QuantConfig, generate, split_params
-from qlora_jax.nn.llama import rope_inv_freq
+from qlora_jax.nn.llama import rope_inv_freq, stack_layers, unstack_layers
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -133,12 +133,16 @@ def test_lora_targets_and_frozen_layout():
     ids = jnp.ones((1, 4), jnp.int32)
     v = _tiny(lora=LoRAConfig(rank=4, targets=("q_proj", "v_proj")), quant=QuantConfig()).init(jax.random.key(0), ids)
     params, _ = split_params(v)
-    assert set(params["layers_0"]) == {"self_attn"} and set(params["layers_0"]["self_attn"]) == {"q_proj", "v_proj"}
+    assert set(params) == {"layers"}  # scanned: one stacked subtree
+    assert set(params["layers"]) == {"self_attn"} and set(params["layers"]["self_attn"]) == {"q_proj", "v_proj"}
+    assert params["layers"]["self_attn"]["q_proj"]["lora_a"].shape == (2, 4, 64)  # [L, r, in]
     v = _tiny(lora=LoRAConfig(rank=4), quant=QuantConfig()).init(jax.random.key(0), ids)
-    layer = v["params"]["layers_1"]
+    q = v["frozen"]["layers"]["mlp"]["down_proj"]["kernel"]
+    assert q.shape == (64, 128) and q.packed.shape == (2, 64 * 128 // 2)  # per-layer shape, stacked arrays
+    layer = unstack_layers(v["params"])["layers_1"]
     assert set(layer["self_attn"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
     assert set(layer["mlp"]) == {"gate_proj", "up_proj", "down_proj"}
-    f = v["frozen"]
+    f = unstack_layers(v["frozen"])
     assert isinstance(f["layers_0"]["mlp"]["down_proj"]["kernel"], quant.QuantizedTensor)
     for leaf in (f["embed_tokens"]["embedding"], f["norm"]["weight"], f["lm_head"]["kernel"],
                  f["layers_0"]["input_layernorm"]["weight"]):  # fmt: skip
@@ -149,8 +153,8 @@ def test_lora_targets_are_validated_and_lists_accepted():
     ids = jnp.ones((1, 4), jnp.int32)
     cfg = LoRAConfig(rank=2, targets=["up_proj"])  # a list, as a user writes it
     assert cfg.targets == ("up_proj",)
-    v = _tiny(lora=cfg).init(jax.random.key(0), ids)
-    assert set(v["params"]["layers_0"]) == {"mlp"}
+    v = _tiny(lora=cfg, scan_layers=False).init(jax.random.key(0), ids)
+    assert set(v["params"]) == {"layers_0", "layers_1"} and set(v["params"]["layers_0"]) == {"mlp"}
     hash(_tiny(lora=cfg))  # modules must stay hashable (jit static arguments)
     with pytest.raises(ValueError, match=r"LoRA targets \['qproj'\] name no linear"):
         _tiny(lora=LoRAConfig(rank=2, targets=("qproj",))).init(jax.random.key(0), ids)
@@ -178,6 +182,42 @@ def test_remat_gives_the_same_loss_and_grads():
         lb, gb = jax.value_and_grad(lambda p, remat=remat: loss(remat, p))(params)
         np.testing.assert_allclose(la, lb, rtol=1e-6)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8), ga, gb)
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_scanned_layers_equal_unrolled_ones(remat):
+    """The same weights give the same loss and adapter grads scanned (one compiled block) or unrolled."""
+    cfg = LlamaConfig(num_hidden_layers=3)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 12)), jnp.int32)
+    kw = dict(lora=LoRAConfig(rank=4, dropout=0.0), quant=QuantConfig(), dtype=jnp.float32, remat=remat)
+    unrolled = LlamaForCausalLM(cfg, scan_layers=False, **kw)
+    scanned = LlamaForCausalLM(cfg, **kw)
+    v = unrolled.init(jax.random.key(0), ids)
+    v["params"] = jax.tree.map(lambda a: a + 0.01, v["params"])  # nonzero B: real adapter grads
+    params, frozen = split_params(v)
+    s_params, s_frozen = stack_layers(params), {"frozen": stack_layers(frozen["frozen"])}
+    assert jax.tree.structure(s_frozen) == jax.tree.structure(
+        {"frozen": scanned.init(jax.random.key(0), ids)["frozen"]}
+    )
+
+    def loss(model, p, f):
+        return jnp.mean(model.apply({"params": p, **f}, ids) ** 2)
+
+    la, ga = jax.value_and_grad(lambda p: loss(unrolled, p, frozen))(params)
+    lb, gb = jax.value_and_grad(lambda p: loss(scanned, p, s_frozen))(s_params)
+    np.testing.assert_allclose(la, lb, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8), ga, unstack_layers(gb))
+
+
+def test_scanned_layers_refuse_a_per_layer_storage():
+    ids = jnp.ones((1, 4), jnp.int32)
+    model = _tiny(quant=QuantConfig(skip_modules=("layers.1.mlp.down_proj",)))
+    with pytest.raises(ValueError, match=r"mlp.down_proj differently in different layers.*scan_layers=False"):
+        model.init(jax.random.key(0), ids)
+    v = model.clone(scan_layers=False).init(jax.random.key(0), ids)
+    assert not quant.is_quantized(v["frozen"]["layers_1"]["mlp"]["down_proj"]["kernel"])
+    assert quant.is_quantized(v["frozen"]["layers_0"]["mlp"]["down_proj"]["kernel"])
+    _tiny(quant=QuantConfig(skip_modules=("down_proj",))).init(jax.random.key(0), ids)  # every layer alike: fine
 
 
 def test_config_reads_transformers_4_form_and_rejects_unsupported():

@@ -30,22 +30,25 @@ def shards_dequantize_alone(frozen):
     rows, dequantize to those rows of the whole tensor?"""
     out = {}
     for path, qt in jax.tree_util.tree_flatten_with_path(frozen, is_leaf=lambda x: isinstance(x, QuantizedTensor))[0]:
-        if not isinstance(qt, QuantizedTensor) or qt.packed.sharding.spec != P("fsdp"):
-            continue
-        whole = np.asarray(dequantize(qt, jnp.float32))
-        pieces = {}
-        for field in ("packed", "absmax", "nested_absmax"):
-            for shard in getattr(qt, field).addressable_shards:
-                pieces.setdefault(shard.device, {})[field] = (shard.index[0].start, np.asarray(shard.data))
+        if not isinstance(qt, QuantizedTensor) or qt.packed.sharding.spec != P(None, "fsdp"):
+            continue  # scanned layers: [L, bytes], each layer's rows split
         ok = True
-        for d in pieces.values():
-            start = d["packed"][0] * 2 // qt.shape[1]  # first row held by the device
-            rows = d["packed"][1].size * 2 // qt.shape[1]
-            piece = qt.replace(
-                packed=d["packed"][1], absmax=d["absmax"][1], nested_absmax=d["nested_absmax"][1],
-                offset=np.asarray(qt.offset), shape=(rows, qt.shape[1]),
-            )  # fmt: skip
-            ok &= bool(np.array_equal(np.asarray(dequantize(piece, jnp.float32)), whole[start : start + rows]))
+        for layer in range(qt.packed.shape[0]):
+            one = jax.tree.map(lambda a, layer=layer: a[layer], qt)
+            whole = np.asarray(dequantize(one, jnp.float32))
+            pieces = {}
+            for field in ("packed", "absmax", "nested_absmax"):
+                for shard in getattr(qt, field).addressable_shards:
+                    data = np.asarray(shard.data)[layer]
+                    pieces.setdefault(shard.device, {})[field] = (shard.index[1].start, data)
+            for d in pieces.values():
+                start = d["packed"][0] * 2 // qt.shape[1]  # first row held by the device
+                rows = d["packed"][1].size * 2 // qt.shape[1]
+                piece = one.replace(
+                    packed=d["packed"][1], absmax=d["absmax"][1], nested_absmax=d["nested_absmax"][1],
+                    offset=np.asarray(one.offset), shape=(rows, qt.shape[1]),
+                )  # fmt: skip
+                ok &= bool(np.array_equal(np.asarray(dequantize(piece, jnp.float32)), whole[start : start + rows]))
         out[jax.tree_util.keystr(path)] = ok
     return out
 
@@ -54,10 +57,10 @@ def main(workdir, params_mode, opt_mode):
     c = tiny.get_config()
     # hidden 256: q_proj [256, 256] splits into whole nested blocks over 4 devices, k_proj [128, 256]
     # does not (512 blocks / 4 = 128 < 256) and stays replicated
-    c.model.hidden_size, c.model.intermediate_size, c.model.num_hidden_layers = 256, 512, 1
+    c.model.hidden_size, c.model.intermediate_size, c.model.num_hidden_layers = 256, 512, 2
     c.data.num_train, c.data.source_max_len, c.data.target_max_len = 16, 24, 8
     c.train.batch_size = 8
-    c.train.paged_min_size = 1024  # pages the q_proj adapter moments ([16, 128] = 2048), not the scalars
+    c.train.paged_min_size = 1024  # pages the q_proj adapter moments ([2, 16, 256]), not the scalars
     c.mesh.data, c.mesh.fsdp = 2, 4
     c.sharding.params, c.sharding.opt_state = params_mode, opt_mode
     mesh = parallel.make_mesh(c.mesh.to_dict())

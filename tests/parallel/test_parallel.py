@@ -144,11 +144,11 @@ def test_sharding_of_frozen_params_and_paged_state_on_2x4_mesh(tmp_path):
     probe = json.loads(out.stdout.strip().splitlines()[-1])
     frozen = probe["frozen"]
     q, k = (
-        "['frozen']['layers_0']['self_attn']['q_proj']['kernel']",
-        "['frozen']['layers_0']['self_attn']['k_proj']['kernel']",
-    )
+        "['frozen']['layers']['self_attn']['q_proj']['kernel']",
+        "['frozen']['layers']['self_attn']['k_proj']['kernel']",
+    )  # scanned layers: a leading [L] axis, each layer's rows split
     assert [frozen[f"{q}.{f}"][0] for f in ("packed", "absmax", "nested_absmax", "offset")] == [
-        "P('fsdp',)", "P('fsdp',)", "P('fsdp',)", "P()",
+        "P(None, 'fsdp')", "P(None, 'fsdp')", "P(None, 'fsdp')", "P()",
     ]  # fmt: skip
     assert {frozen[f"{k}.{f}"][0] for f in ("packed", "absmax", "nested_absmax", "offset")} == {"P()"}
     alone = probe["shards_dequantize_alone"]
@@ -156,8 +156,8 @@ def test_sharding_of_frozen_params_and_paged_state_on_2x4_mesh(tmp_path):
 
     state = probe["before"]
     lora_a = {n: v for n, v in state.items() if n.endswith("['q_proj']['lora_a']")}
-    param = lora_a.pop(".params['layers_0']['self_attn']['q_proj']['lora_a']")
-    assert param == ["P(None, 'fsdp')", "device", [16, 256]]
+    param = lora_a.pop(".params['layers']['self_attn']['q_proj']['lora_a']")
+    assert param == ["P(None, None, 'fsdp')", "device", [2, 16, 256]]
     assert sorted(v[1] for v in lora_a.values()) == ["pinned_host", "pinned_host"]  # Adam's mu and nu
     assert {v[0] for v in lora_a.values()} == {"P()"}
     small = [v for n, v in state.items() if n.startswith(".opt_state") and np.prod(v[2]) < 1024]

@@ -145,6 +145,7 @@ def test_merged_and_quantized_exports_load_back(tmp_path):
 
     from qlora_jax.checkpoints import load_pretrained
     from qlora_jax.nn import LoRAConfig, QuantConfig
+    from qlora_jax.nn.llama import unstack_layers
     from qlora_jax.train import export
 
     src = ROOT / "tests" / "fixtures" / "hf" / "llama_gqa"
@@ -160,8 +161,9 @@ def test_merged_and_quantized_exports_load_back(tmp_path):
     from qlora_jax import quant
 
     tensor = load_file(tmp_path / "merged" / "model.safetensors")["model.layers.1.mlp.down_proj.weight"]
-    node = v["frozen"]["layers_1"]["mlp"]["down_proj"]
-    a, b = (np.asarray(v["params"]["layers_1"]["mlp"]["down_proj"][k], np.float64) for k in ("lora_a", "lora_b"))
+    node = unstack_layers(v["frozen"])["layers_1"]["mlp"]["down_proj"]
+    adapter = unstack_layers(v["params"])["layers_1"]["mlp"]["down_proj"]
+    a, b = (np.asarray(adapter[k], np.float64) for k in ("lora_a", "lora_b"))
     exact = np.asarray(quant.dequantize(node["kernel"], jnp.float32), np.float64) + model.lora.scale * b @ a
     assert np.all(np.abs(tensor - exact) <= np.abs(exact) * 2.0**-8 + 1e-30)
     merged_model, merged = load_pretrained(tmp_path / "merged", quant=None, dtype=jnp.float32, progress=False)
@@ -172,8 +174,8 @@ def test_merged_and_quantized_exports_load_back(tmp_path):
     assert np.abs(got - want).max() <= 2.0**-8 * np.abs(want).max()
     export.export_quantized(tmp_path / "quantized", model.config, v["frozen"], QuantConfig())
     _, q = load_pretrained(tmp_path / "quantized", quant=None, dtype=jnp.float32, progress=False)
-    a = v["frozen"]["layers_0"]["mlp"]["up_proj"]["kernel"]
-    b = q["frozen"]["layers_0"]["mlp"]["up_proj"]["kernel"]
+    a = v["frozen"]["layers"]["mlp"]["up_proj"]["kernel"]  # both scanned: stacked alike
+    b = q["frozen"]["layers"]["mlp"]["up_proj"]["kernel"]
     np.testing.assert_array_equal(np.asarray(a.packed), np.asarray(b.packed))
 
 
