@@ -20,13 +20,16 @@ def get_config():
     c.check_finite = True  # refuse a checkpoint tensor holding NaN/Inf (False: load it anyway)
     c.progress = True  # tqdm bar
 
-    c.model = ml_collections.ConfigDict()  # used only without model_path
+    c.model = ml_collections.ConfigDict()  # the architecture: used only without model_path
     c.model.hidden_size = 128
     c.model.intermediate_size = 256
     c.model.num_hidden_layers = 2
     c.model.num_attention_heads = 4
     c.model.num_key_value_heads = 2
     c.model.max_position_embeddings = 256
+    # the decoder blocks under nn.scan (one compilation whatever the depth; also for model_path);
+    # False unrolls them, which a per-layer quant.skip_modules / no_double_quant needs
+    c.model.scan_layers = True
 
     c.quant = ml_collections.ConfigDict()
     c.quant.enabled = True  # False: 16-bit LoRA baseline (base kept in train.dtype)
@@ -99,5 +102,6 @@ def get_config():
     c.export = ml_collections.ConfigDict()
     c.export.merged = False  # export/merged: bf16 HF checkpoint with adapters merged
     c.export.quantized = False  # export/quantized: bitsandbytes 4-bit base
+    c.export.gguf = ""  # export/model.gguf: the merged model for llama.cpp / Ollama: "" (off) | f16 | bf16 | q8_0
     c.export.again = False  # a finished run: write its exports again (e.g. after turning on export.merged)
     return c

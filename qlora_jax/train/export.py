@@ -8,6 +8,7 @@ PEFT's format (peft 0.21): ``adapter_model.safetensors`` with tensors named
 from __future__ import annotations
 
 import json
+import logging
 import pathlib
 
 import jax
@@ -17,7 +18,9 @@ from flax import traverse_util
 from safetensors.numpy import save_file
 
 from qlora_jax import quant
+from qlora_jax.checkpoints.gguf import write_gguf
 from qlora_jax.checkpoints.hf import hf_tensor_name, save_pretrained_4bit
+from qlora_jax.data.tokenizer import HFTokenizer
 from qlora_jax.nn.llama import LlamaConfig, config_to_hf, unstack_layers
 from qlora_jax.nn.lora import LoRAConfig, QuantConfig, hf_module_name, merged_weight
 
@@ -93,3 +96,18 @@ def export_quantized(path, config: LlamaConfig, frozen: dict, quant_config: Quan
 
     requantized = {p: requantize(p, v) for p, v in traverse_util.flatten_dict(unstack_layers(frozen)).items()}
     save_pretrained_4bit(path, config_to_hf(config), traverse_util.unflatten_dict(requantized))
+
+
+def export_gguf(path, config: LlamaConfig, frozen: dict, tokenizer, dtype: str = "f16", *, params=None, lora=None):
+    """Write the base, with the adapters merged when ``params`` are given, as a GGUF file
+    (``f16``, ``bf16`` or ``q8_0``) with the tokenizer and chat template, for llama.cpp / Ollama.
+
+    The merge is done in float32 (``dequant(W) + s·B·A``) and rounded once, to ``dtype``. A
+    tokenizer that is not a Hugging Face / GGUF one (the tiny model's byte tokenizer) is left out,
+    with a warning: such a file loads in our loader and in transformers, but llama.cpp needs one.
+    """
+    if not isinstance(tokenizer, HFTokenizer):
+        logging.warning("%s: written without tokenizer metadata (%s is not a BPE/SentencePiece tokenizer)",
+                        path, type(tokenizer).__name__)  # fmt: skip
+        tokenizer = None
+    return write_gguf(path, config, _hf_tensors(frozen, jnp.float32, params, lora), tokenizer, dtype)

@@ -87,7 +87,7 @@ def build_model(config):
     if config.model_path:
         model, variables = load_pretrained(
             config.model_path, quant=quant, lora=lora, dtype=dtype, seed=config.seed, remat=config.train.remat,
-            check_finite=config.check_finite,
+            check_finite=config.check_finite, scan_layers=config.model.scan_layers,
         )  # fmt: skip
         return model, variables, load_tokenizer(config.model_path), model.config
     tok = ByteTokenizer()
@@ -98,7 +98,9 @@ def build_model(config):
         num_key_value_heads=m.num_key_value_heads, max_position_embeddings=m.max_position_embeddings,
         bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
     )  # fmt: skip
-    model = LlamaForCausalLM(cfg, lora=lora, quant=quant, dtype=dtype, remat=config.train.remat)
+    model = LlamaForCausalLM(
+        cfg, lora=lora, quant=quant, dtype=dtype, remat=config.train.remat, scan_layers=config.model.scan_layers
+    )
     # eager on purpose: jax.jit(model.init) takes 2.1 s instead of 5.5 s here, but XLA compiles the
     # random normal init differently (ulps in ~27 % of the weights), so every run and notebook
     # result measured from this seed would change
@@ -559,7 +561,8 @@ def _finish(run: _Run, state, last: dict, write_final: bool) -> dict:
     config, workdir, model_cfg, tok = run.config, run.workdir, run.model_cfg, run.tok
     lora = _lora_config(config)
     params_host = parallel.to_host(state.params)  # collective: every process takes part
-    needs_base = not _full(config) and (not config.model_path or config.export.merged or config.export.quantized)
+    exports_base = config.export.merged or config.export.quantized or config.export.gguf
+    needs_base = not _full(config) and (not config.model_path or exports_base)
     base = parallel.to_host(run.frozen["frozen"]) if needs_base else None
     if run.data.generation:  # every data kind: the prompts, targets and greedy answers
         answers = run.answers.get(int(state.step)) or run.generate(state.params)  # the last eval's, if it made them
@@ -580,6 +583,12 @@ def _finish(run: _Run, state, last: dict, write_final: bool) -> dict:
         if config.export.merged and not _full(config):
             export.export_hf(out / "merged", model_cfg, base, dtype=jnp.bfloat16, params=params_host, lora=lora)
             _save_tokenizer(tok, out / "merged")
+        if config.export.gguf:  # the merged model (or the trained one) for llama.cpp / Ollama
+            weights = dict(params=None, lora=None) if _full(config) else dict(params=params_host, lora=lora)
+            export.export_gguf(
+                out / "model.gguf", model_cfg, params_host if _full(config) else base, tok, config.export.gguf,
+                **weights,
+            )  # fmt: skip
         if config.export.quantized and _quant_config(config) is not None:
             export.export_quantized(out / "quantized", model_cfg, base, _quant_config(config))
             _save_tokenizer(tok, out / "quantized")

@@ -25,6 +25,7 @@ from qlora_jax.quant import blockwise, codebooks
 
 OPTIMIZERS = ("paged_adamw", "adamw", "paged_adamw_8bit", "adamw_8bit")
 LR_SCHEDULES = ("constant", "cosine", "linear")
+GGUF_DTYPES = ("", "f16", "bf16", "q8_0")  # export.gguf: "" = no GGUF export
 
 # Keys a resumed run may change: they do not alter the model, the data or the optimizer, only how
 # long it runs, what it logs and writes, and how it is laid out in memory. Every other key is the
@@ -137,6 +138,7 @@ RULES: dict[str, Callable] = {
     "model.num_attention_heads": _int(1),
     "model.num_key_value_heads": _int(1),
     "model.max_position_embeddings": _int(1),
+    "model.scan_layers": _bool,
     "quant.enabled": _bool,
     "quant.type": _choice(codebooks.QUANT_TYPES),
     "quant.block_size": _choice(blockwise.BLOCK_SIZES),
@@ -192,6 +194,7 @@ RULES: dict[str, Callable] = {
     "export.merged": _bool,
     "export.quantized": _bool,
     "export.again": _bool,
+    "export.gguf": _choice(GGUF_DTYPES),
 }
 
 

@@ -172,6 +172,22 @@ def test_merged_and_quantized_exports_load_back(tmp_path):
     got = np.asarray(merged_model.apply(merged, ids))
     # bf16 weights (relative rounding <= 2^-9 each) move logits by about that fraction
     assert np.abs(got - want).max() <= 2.0**-8 * np.abs(want).max()
+    # export.gguf: the same float32 merge, each matrix rounded once to float16 (1-D tensors stay
+    # float32, as llama.cpp writes them): equal to the merged transformers export in those dtypes
+    from qlora_jax.checkpoints import open_gguf
+
+    export.export_gguf(
+        tmp_path / "model.gguf", model.config, v["frozen"], None, "f16", params=v["params"], lora=model.lora
+    )
+    for dtype in (jnp.float16, jnp.float32):
+        export.export_hf(
+            tmp_path / dtype.__name__, model.config, v["frozen"], dtype=dtype, params=v["params"], lora=model.lora
+        )
+    f16, f32 = (load_file(tmp_path / n / "model.safetensors") for n in ("float16", "float32"))
+    _, _, tensors = open_gguf(tmp_path / "model.gguf")
+    assert set(tensors.files) == set(f16)
+    for name, x in f16.items():
+        np.testing.assert_array_equal(tensors.get(name), (x if x.ndim == 2 else f32[name]).astype(np.float32), name)
     export.export_quantized(tmp_path / "quantized", model.config, v["frozen"], QuantConfig())
     _, q = load_pretrained(tmp_path / "quantized", quant=None, dtype=jnp.float32, progress=False)
     a = v["frozen"]["layers"]["mlp"]["up_proj"]["kernel"]  # both scanned: stacked alike
