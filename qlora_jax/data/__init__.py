@@ -4,7 +4,7 @@ from qlora_jax.data.batching import Batches, PackedBatches, Tokenized, TokenizeR
 from qlora_jax.data.chat import apply_chat_template, tokenize_conversation
 from qlora_jax.data.evaluation import GenerationItem, exact_match, generation_items, normalize_answer, stop_ids
 from qlora_jax.data.jsonl import Conversation, Example, JsonlDataset, load_jsonl
-from qlora_jax.data.synthetic import make_examples
+from qlora_jax.data.synthetic import as_conversations, make_examples
 from qlora_jax.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "TokenizeReport",
     "Tokenized",
     "apply_chat_template",
+    "as_conversations",
     "collate",
     "collate_packed",
     "exact_match",

@@ -2,14 +2,16 @@
 
 Task families (source -> target): ``add`` ("Q: 37+5=" -> "42"), ``sort`` (digits ascending),
 ``reverse`` (a lowercase word backwards), ``upper`` (uppercase it). Every example is fixed by
-``(seed, index)``, so a dataset is reproducible anywhere; exact-match accuracy scores it.
+``(seed, index)``, so a dataset is reproducible anywhere; exact-match accuracy scores it. For a
+model with a chat template, :func:`as_conversations` makes each one a user question and the
+assistant's exact answer.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from qlora_jax.data.jsonl import Example
+from qlora_jax.data.jsonl import Conversation, Example
 
 FAMILIES = ("add", "sort", "reverse", "upper")
 _LETTERS = np.array(list("abcdefghijklmnopqrstuvwxyz"))
@@ -37,3 +39,13 @@ def make_examples(n: int, seed: int, families: tuple[str, ...] = FAMILIES) -> li
             raise ValueError(f"synthetic family must be one of {FAMILIES}; got {f!r}")
     rng = np.random.default_rng(seed)
     return [_one(families[i % len(families)], rng) for i in range(n)]
+
+
+def as_conversations(examples: list[Example]) -> list[Conversation]:
+    """Each ``Q: ... A:`` example as one exchange: the question as the user's message, the exact
+    answer as the assistant's (rendered by the model's chat template)."""
+    return [
+        Conversation(({"role": "user", "content": e.source.removeprefix("Q: ").removesuffix("\nA: ")},
+                      {"role": "assistant", "content": e.target}))
+        for e in examples
+    ]  # fmt: skip

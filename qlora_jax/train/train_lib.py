@@ -39,6 +39,7 @@ from qlora_jax.data import (
     ByteTokenizer,
     GenerationItem,
     PackedBatches,
+    as_conversations,
     exact_match,
     generation_items,
     load_jsonl,
@@ -87,7 +88,7 @@ def build_model(config):
     if config.model_path:
         model, variables = load_pretrained(
             config.model_path, quant=quant, lora=lora, dtype=dtype, seed=config.seed, remat=config.train.remat,
-            check_finite=config.check_finite, scan_layers=config.model.scan_layers,
+            check_finite=config.check_finite, scan_layers=config.model.scan_layers, progress=config.progress,
         )  # fmt: skip
         return model, variables, load_tokenizer(config.model_path), model.config
     tok = ByteTokenizer()
@@ -134,6 +135,8 @@ def build_data(config, tok) -> Data:
     if d.kind == "synthetic":
         train_ex = make_examples(d.num_train, config.seed, tuple(d.families))
         eval_ex = make_examples(d.num_eval, config.seed + 1, tuple(d.families))
+        if template or tok.chat_template:  # an instruct model: its own template, as a user would prompt it
+            train_ex, eval_ex = as_conversations(train_ex), as_conversations(eval_ex)
     else:  # "jsonl": Alpaca records become conversations for a model that has a chat template
         as_chat = bool(template or tok.chat_template)
         ds = load_jsonl(d.path, d.format, skip_malformed=d.skip_malformed, as_chat=as_chat)
@@ -505,26 +508,38 @@ def _train(run: _Run, train_step, state, start: int, window: dict | None = None)
     the whole logging window (every step since the last log) from the host's copy of the batches;
     ``tokens_per_sec`` and ``target_tokens_per_sec`` divide them by the wall time of its steps
     (evaluations and checkpoint saves left out; the first window includes the compilation). ``tokens`` is
-    the logged step's own target count, from the device. ``window`` is the counts and seconds of
-    a window a resumed run continues (checkpointed with the data position).
+    the logged step's own target count, from the device. ``first_step_seconds`` (the first row
+    after a start or resume) is the wall time of the first step: compiling it, then running it.
+    ``window`` is the counts and seconds of a window a resumed run continues (checkpointed with
+    the data position).
     """
     config = run.config
     t = config.train
     train_batch_sharding = parallel.batch_sharding(run.mesh, 3, batch_axis=1)  # [accum, B, T]
     last = {}
+    # the first step compiles: shown as its own phase, and left out of the rate, so the ETA (from
+    # the second step on) is steps left x the mean time of the steps since (smoothing=0)
     bar = tqdm(
-        range(start, t.steps), initial=start, total=t.steps, desc="train", disable=not (config.progress and run.chief)
+        initial=start, total=t.steps, desc="train: compiling", smoothing=0, disable=not (config.progress and run.chief)
     )
     window = dict(window or {"tokens": 0, "targets": 0, "seconds": 0.0})
     window["start"] = time.perf_counter() - window.pop("seconds")
-    with jax.set_mesh(run.mesh):
-        for step in bar:
+    began, first = time.perf_counter(), None
+    with jax.set_mesh(run.mesh), bar:
+        for step in range(start, t.steps):
             micro = [next(run.data.train) for _ in range(t.accum_steps)]
             host = {k: np.stack([m[k] for m in micro]) for k in micro[0]}
             window["tokens"] += int(host["attention_mask"].sum())
             window["targets"] += int(sum(target_mask(m, np).sum() for m in micro))
             state, metrics = train_step(state, run.frozen, parallel.global_batch(host, train_batch_sharding))
             done = step + 1
+            if step == start:
+                jax.block_until_ready(metrics)
+                first = time.perf_counter() - began  # logged with the first row after a (re)start
+                logging.info("step %d: %.1f s (compiling the train step, then running it)", done, first)
+                bar.set_description("train", refresh=False)
+                bar.initial, bar.start_t = bar.n + 1, time.time()  # the rate counts the steps after this one
+            bar.update(1)
             evaluate = done % config.eval_every == 0 or done == t.steps
             if done % config.log_every == 0 or evaluate:  # an evaluation always gets its row
                 m = {k: float(v) for k, v in metrics.items()}
@@ -533,6 +548,8 @@ def _train(run: _Run, train_step, state, start: int, window: dict | None = None)
                         run.ckpt, run.workdir, f"non-finite loss {m['loss']} at step {done}", config.checkpoint_every
                     )
                 elapsed = max(time.perf_counter() - window["start"], 1e-9)
+                if first is not None:
+                    m["first_step_seconds"], first = first, None
                 m["processed_tokens"], m["target_tokens"] = window["tokens"], window["targets"]
                 m["tokens_per_sec"] = window["tokens"] / elapsed
                 m["target_tokens_per_sec"] = window["targets"] / elapsed

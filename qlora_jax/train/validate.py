@@ -16,9 +16,11 @@ from collections.abc import Callable, Mapping
 
 from flax import traverse_util
 
+from qlora_jax.checkpoints.gguf import resolve_model_path
 from qlora_jax.data.chat import TRAIN_ON
 from qlora_jax.data.jsonl import FORMATS
 from qlora_jax.data.synthetic import FAMILIES
+from qlora_jax.data.tokenizer import WHEEL_PREFIX
 from qlora_jax.nn.llama import LINEAR_NAMES
 from qlora_jax.parallel import MODES
 from qlora_jax.quant import blockwise, codebooks
@@ -219,8 +221,13 @@ def _cross_checks(c: dict) -> None:
             raise ConfigError("model.hidden_size", f"must be a multiple of model.num_attention_heads={heads}")
         if heads % kv:
             raise ConfigError("model.num_attention_heads", f"must be a multiple of model.num_key_value_heads={kv}")
+    elif c["model_path"].startswith(WHEEL_PREFIX):
+        try:
+            resolve_model_path(c["model_path"])
+        except ValueError as e:
+            raise ConfigError("model_path", str(e)) from None
     elif not os.path.exists(c["model_path"]):
-        raise ConfigError("model_path", f"={c['model_path']!r}: no such checkpoint directory")
+        raise ConfigError("model_path", f"={c['model_path']!r}: no such checkpoint directory or .gguf file")
     if c["data.kind"] == "jsonl":
         if not c["data.path"]:
             raise ConfigError("data.path", "is required with data.kind='jsonl' (a JSONL file)")

@@ -386,3 +386,56 @@ def test_a_run_started_again_before_its_first_checkpoint_logs_step_0_once(tmp_pa
     (tmp_path / "final_metrics.json").unlink()
     _run(tmp_path, "--config.train.steps=0")
     assert [r["step"] for r in _metrics(tmp_path)] == [0] and _metrics(tmp_path) == first
+
+
+def test_progress_bar_shows_the_compile_and_an_eta_from_the_second_step_then_before_and_after(tmp_path):
+    out = _run(tmp_path, "--config.train.steps=4", "--config.progress=True")
+    frames = [f.strip() for f in out.stderr.replace("\n", "\r").split("\r") if f.strip().startswith("train")]
+    assert frames[0].startswith("train: compiling") and "0/4" in frames[0]
+    # after the compiling step no rate yet (it is left out), then one from the steps since
+    after_first = [f for f in frames if " 1/4 " in f]
+    assert after_first and all(f.startswith("train:") and "<?, ?it/s" in f for f in after_first), after_first
+    last = [f for f in frames if " 4/4 " in f][-1]
+    assert "?" not in last.split("[", 1)[1], last
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    timed = [r for r in rows if "first_step_seconds" in r]
+    assert [r["step"] for r in timed] == [1] and timed[0]["first_step_seconds"] > 0
+    # the closing line: the step-0 evaluation (the base as loaded) beside the last one
+    before, after = rows[0], rows[-1]
+    assert before["step"] == 0 and after["step"] == 4
+    assert out.stdout.splitlines()[-1] == (
+        f"before training (step 0) -> after (step 4): eval_loss {before['eval_loss']:.2f} -> "
+        f"{after['eval_loss']:.2f}, exact_match {before['exact_match']:.3f} -> {after['exact_match']:.3f}"
+    )
+
+
+def test_the_default_config_trains_on_chat_exchanges_of_the_real_model():
+    """configs/smollm2.py (make finetune): valid; its synthetic tasks become ChatML exchanges in
+    SmolLM2's own template, the loss on each answer and its end-of-turn token only; the held-out
+    prompts end at the assistant's turn."""
+    pytest.importorskip("gguf")
+    from experiments.configs import smollm2
+    from qlora_jax.checkpoints import resolve_model_path
+    from qlora_jax.data import load_tokenizer
+    from qlora_jax.train import train_lib
+    from qlora_jax.train.validate import validate_config
+
+    c = smollm2.get_config()
+    try:
+        resolve_model_path(c.model_path)
+    except ValueError as e:
+        pytest.skip(str(e))
+    c.data.num_train, c.data.num_eval, c.num_generate = 32, 16, 4
+    validate_config(c)
+    tok = load_tokenizer(c.model_path)
+    data = train_lib.build_data(c, tok)
+    batch = next(data.train)
+    assert batch["segment_ids"].max() >= 2  # packed: several exchanges per row
+    ids, mask = batch["input_ids"][0], batch["loss_mask"][0].astype(bool)
+    seg = batch["segment_ids"][0]
+    first = ids[(seg == 1) & mask]
+    text = tok.decode(list(first), skip_special_tokens=False)
+    assert text.endswith("<|im_end|>") and "<|im_start|>" not in text, text  # one answer and its end of turn
+    whole = tok.decode(list(ids[seg == 1]), skip_special_tokens=False)
+    assert whole.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    assert data.generation[0].prompt.endswith("<|im_end|>\n<|im_start|>assistant\n")
