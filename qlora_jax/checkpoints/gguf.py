@@ -238,9 +238,16 @@ def permute_rope_rows(w: np.ndarray, n_heads: int, *, to_gguf: bool) -> np.ndarr
     """Reorder the rows of a LLaMA ``q_proj``/``k_proj`` weight ``[heads*Dh, in]`` or bias ``[heads*Dh]``
     between transformers' rotate-half layout and llama.cpp's interleaved one (``to_gguf``: what
     llama.cpp's converter does; otherwise its inverse)."""
-    half = w.shape[0] // n_heads // 2
-    split = (n_heads, 2, half) if to_gguf else (n_heads, half, 2)
-    return w.reshape(*split, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    dh = w.shape[0] // n_heads
+    half = dh // 2
+    # llama.cpp's row (head h, pair i, member j) = 2i + j of the head holds transformers' row j*half + i
+    h, i, j = np.meshgrid(np.arange(n_heads), np.arange(half), np.arange(2), indexing="ij")
+    source = (h * dh + j * half + i).reshape(-1)
+    if to_gguf:
+        return w[source]
+    inverse = np.empty_like(source)
+    inverse[source] = np.arange(source.size)
+    return w[inverse]
 
 
 class GGUFTensors:
@@ -315,7 +322,7 @@ def gguf_config(file: GGUFFile) -> LlamaConfig:
 
     hidden, heads = int(key("embedding_length")), int(key("attention.head_count"))
     kv_heads = int(key("attention.head_count_kv", heads))
-    head_dim = int(key("attention.key_length", 0) or key("rope.dimension_count", 0) or hidden // heads)
+    head_dim = int(key("attention.key_length", 0) or hidden // heads)  # rope.dimension_count may be partial
     if key("attention.value_length", head_dim) != head_dim:
         raise ValueError(f"{where}: value head size {key('attention.value_length')} != key head size {head_dim}")
     if key("rope.dimension_count", head_dim) != head_dim:
@@ -367,6 +374,8 @@ def _rope_scaling(file: GGUFFile, key, head_dim: int, theta: float) -> dict | No
         return _llama3_from_rope_freqs(freqs, head_dim, theta, key("rope.scaling.original_context_length", None),
                                        json.loads(stated) if stated else None, file.path)  # fmt: skip
     if kind == "linear" or (kind is None and factor not in (None, 1.0)):
+        if factor is None:
+            raise ValueError(f"{file.path}: rope.scaling.type 'linear' without rope.scaling.factor")
         return {"rope_type": "linear", "factor": _f32(factor)}
     if kind in (None, "none"):
         return None
@@ -428,7 +437,6 @@ def open_gguf(path) -> tuple[LlamaConfig, dict, GGUFTensors]:
 
 # llama.cpp's pre-tokenizer regexes (src/llama-vocab.cpp), by ``tokenizer.ggml.pre``. GPT-2's is
 # the one ``tokenizers``' ByteLevel pre-tokenizer applies itself (use_regex=True).
-_GPT2 = None
 _DIGITS_THEN_GPT2 = r"\p{N}"  # one digit per piece first, then GPT-2's regex within the pieces
 _LLAMA3 = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
@@ -453,15 +461,15 @@ class PreTokenizer:
 
 PRE_TOKENIZERS = {
     "gpt-2": PreTokenizer(),
-    "gpt2": PreTokenizer(),
     **dict.fromkeys(
-        ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"),
+        ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"),
         PreTokenizer(digits_first=True),
     ),
     **dict.fromkeys(
-        ("llama-bpe", "llama3", "llama-v3", "falcon3", "smaug-bpe", "dbrx"),
+        ("llama-bpe", "llama3", "llama-v3", "falcon3"),
         PreTokenizer(split=_LLAMA3, ignore_merges=True),
     ),
+    **dict.fromkeys(("smaug-bpe", "dbrx"), PreTokenizer(split=_LLAMA3)),  # LLaMA-3's regex, not its merge rule
     **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "megrez"), PreTokenizer(split=_QWEN2)),
 }
 
@@ -483,6 +491,7 @@ class GGUFVocab:
     scores: tuple[float, ...] | None = None
     bos_id: int | None = None
     eos_id: int | None = None
+    eot_id: int | None = None  # end of turn, a second stop id (Llama 3's <|eot_id|>)
     unk_id: int | None = None
     pad_id: int | None = None
     add_bos: bool = False
@@ -506,9 +515,8 @@ def gguf_vocab(file: GGUFFile) -> GGUFVocab:
     pre, merges, scores = md.get("tokenizer.ggml.pre"), None, None
     if model == "gpt2":
         if pre not in PRE_TOKENIZERS:
-            raise ValueError(
-                f"{where}: tokenizer.ggml.pre {pre!r} is not supported; supported: {sorted(PRE_TOKENIZERS)}"
-            )
+            what = "no tokenizer.ggml.pre (llama.cpp's default regex)" if pre is None else f"tokenizer.ggml.pre {pre!r}"
+            raise ValueError(f"{where}: {what} is not supported; supported: {sorted(PRE_TOKENIZERS)}")
         merges = md.get("tokenizer.ggml.merges")
         if merges is None:
             raise ValueError(f"{where}: a gpt2 (BPE) tokenizer without tokenizer.ggml.merges")
@@ -527,6 +535,7 @@ def gguf_vocab(file: GGUFFile) -> GGUFVocab:
         scores=tuple(float(s) for s in scores) if scores is not None else None,
         bos_id=md.get("tokenizer.ggml.bos_token_id"),
         eos_id=md.get("tokenizer.ggml.eos_token_id"),
+        eot_id=md.get("tokenizer.ggml.eot_token_id"),
         unk_id=md.get("tokenizer.ggml.unknown_token_id"),
         pad_id=md.get("tokenizer.ggml.padding_token_id"),
         add_bos=bool(md.get("tokenizer.ggml.add_bos_token", add_bos_default)),
@@ -816,7 +825,8 @@ def _add_vocab(w: gguf.GGUFWriter, vocab: GGUFVocab, tokenizer: HFTokenizer) -> 
     if vocab.scores is not None:
         w.add_token_scores(list(vocab.scores))
     for add, value in ((w.add_bos_token_id, vocab.bos_id), (w.add_eos_token_id, vocab.eos_id),
-                       (w.add_unk_token_id, vocab.unk_id), (w.add_pad_token_id, vocab.pad_id)):  # fmt: skip
+                       (w.add_eot_token_id, vocab.eot_id), (w.add_unk_token_id, vocab.unk_id),
+                       (w.add_pad_token_id, vocab.pad_id)):  # fmt: skip
         if value is not None:
             add(value)
     w.add_add_bos_token(vocab.add_bos)
@@ -827,7 +837,16 @@ def _add_vocab(w: gguf.GGUFWriter, vocab: GGUFVocab, tokenizer: HFTokenizer) -> 
     if set(templates) == {"default"}:
         w.add_chat_template(templates["default"])
     elif templates:
-        w.add_chat_template([{"name": k, "template": t} for k, t in templates.items()])
+        # names are written as identifiers; one gguf would rewrite would not be found by data.chat_template
+        bad = sorted(k for k in templates if not re.fullmatch(r"[A-Za-z0-9_]+", k))
+        if bad:
+            raise ValueError(f"write_gguf: chat template names {bad} are not identifiers ([A-Za-z0-9_])")
+        named = sorted(k for k in templates if k != "default")  # sorted: the same bytes on every run
+        for k in named:
+            w.add_string(gguf.Keys.Tokenizer.CHAT_TEMPLATE_N.format(name=k), templates[k])
+        w.add_array(gguf.Keys.Tokenizer.CHAT_TEMPLATES, named)
+        if "default" in templates:
+            w.add_chat_template(templates["default"])
 
 
 def tokenizer_vocab(tokenizer: HFTokenizer, vocab_size: int | None = None) -> GGUFVocab:

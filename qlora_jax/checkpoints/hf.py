@@ -279,7 +279,10 @@ def _load_frozen(tensors, abstract_frozen, storage, prequant, dtype, progress, r
                 del array  # the full-precision copy goes as soon as it is quantized
             used.add(name)
         if tuple(got) != expected:
-            raise ValueError(f"{root}: tensor {name!r} has shape {list(got)}; the config implies {list(expected)}")
+            raise ValueError(
+                f"{root}: tensor {name!r} has shape {list(got)}; the config implies {list(expected)} "
+                f"(read from {tensors.where(name)})"
+            )
         if stack and path[0].startswith("layers_"):
             pending.append(value)
             if len(pending) == layers:

@@ -12,6 +12,9 @@ Variables:
   (a QuantizedTensor when quantized; ``bias`` for Qwen2), ``layers_{i}.mlp.{gate,up,down}_proj``,
   ``layers_{i}.{input,post_attention}_layernorm.weight``, ``norm.weight``,
   ``lm_head.kernel [V, D]`` (absent when tied). Embeddings, norms and lm_head stay unquantized.
+  With ``scan_layers`` (the default) the blocks are one ``layers`` subtree whose leaves carry a
+  leading ``[L]`` axis (``layers.self_attn.q_proj.kernel``: a QuantizedTensor of per-layer shape
+  ``[out, in]`` whose arrays are ``[L, ...]``); :func:`unstack_layers` gives the ``layers_{i}`` form.
 * ``"params"`` — LoRA adapters only (``lora_a``, ``lora_b``) of the target linears.
 * ``"cache"`` — the KV cache in decode mode (:func:`init_cache`).
 

@@ -91,9 +91,11 @@ def test_wheel_resolves_to_its_gguf_and_config():
 
 @needs_smollm2
 def test_smollm2_tokenizer_matches_transformers_and_llama_cpp(tokens):
-    """Equal to llama.cpp's ``smollm`` pre-tokenization on every text; equal to transformers' GGUF
-    tokenizer wherever that agrees with llama.cpp -- all texts but the one with whitespace runs
-    before digits (transformers applies GPT-2's regex without splitting digits off first)."""
+    """Equal to transformers' GGUF tokenizer on every text but the one with whitespace runs before
+    digits: transformers applies GPT-2's regex without splitting digits off first, as llama.cpp
+    does for ``smollm``. On that text the reference is transformers' own vocabulary and merges
+    under that rule, as the generator states it: not an independent llama.cpp run (llama.cpp
+    cannot be installed here), so it checks our vocabulary and merges, not the rule itself."""
     tok = load_tokenizer(qgguf.DEFAULT_MODEL)
     differs = []
     for i, text in enumerate(tokens["texts"]):
@@ -373,3 +375,29 @@ def test_llama3_rope_freqs_read_as_llama3_scaling():
     np.testing.assert_allclose(base / freqs, rope_inv_freq(config), rtol=1e-6)
     with pytest.raises(ValueError, match="not llama3 scaling"):
         qgguf._llama3_from_rope_freqs(freqs * 1.5, 128, 500000.0, None, None, "x")
+
+
+def test_write_keeps_the_end_of_turn_id_and_named_templates(tmp_path):
+    """A second stop id (tokenizer.ggml.eot_token_id) and named chat templates survive a write, and
+    the bytes do not depend on the order of the templates (written sorted)."""
+    src = FIXTURES / "tiny_llama.gguf"
+    config, _, tensors = qgguf.open_gguf(src)
+    weights = {n: tensors.get(n) for n in tensors.files}
+    tok = load_tokenizer(src)
+    eot = len(tok.gguf_vocab.tokens) - 1
+    assert eot != tok.eos_id
+    tok.gguf_vocab = dataclasses.replace(tok.gguf_vocab, eot_id=eot)
+    default = tok.chat_templates["default"]
+    paths = []
+    for i, order in enumerate((("default", "tool_use", "rag"), ("rag", "default", "tool_use"))):
+        tok.chat_templates = {k: {"default": default, "tool_use": "{{ 'T' }}", "rag": "{{ 'R' }}"}[k] for k in order}
+        paths.append(qgguf.write_gguf(tmp_path / f"{i}.gguf", config, weights, tok, "f16"))
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+    back = load_tokenizer(paths[0])
+    assert back.gguf_vocab.eot_id == eot
+    assert back.chat_templates == {"default": default, "tool_use": "{{ 'T' }}", "rag": "{{ 'R' }}"}
+    read_config_back, _, _ = qgguf.open_gguf(paths[0])
+    assert read_config_back.eos_token_id == (tok.eos_id, eot)  # llama.cpp stops at either
+    tok.chat_templates = {"default": default, "tool-use": "x"}
+    with pytest.raises(ValueError, match=r"chat template names \['tool-use'\] are not identifiers"):
+        qgguf.write_gguf(tmp_path / "bad.gguf", config, weights, tok, "f16")
