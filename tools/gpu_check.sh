@@ -2,11 +2,13 @@
 # The one prepared script for a lent GPU machine (jax 0.11.2 + CUDA preinstalled, no network):
 #   1. the kernel and optimizer tests compiled for the GPU (QLORA_JAX_INTERPRET=0), not interpreted,
 #      and the memory planner against the compiled step on the GPU;
-#   2. experiments/bench_kernels.py;
+#   2. experiments/bench_kernels.py: device time per kernel (CUPTI events, L2 flushed) and the
+#      dispatch-free wall-time slope, forward and backward apart, each as a ratio to copy / bf16 dot
+#      (streamed as measured: a timeout still leaves the rows done so far in bench.log);
 #   3. experiments/bench_optim.py (paged / 8-bit AdamW step time, host<->device GB/s);
 #   4. experiments/bench_train.py (QLoRA step vs bf16-LoRA step, hidden 4096, 2 layers).
-# Prints a short summary table last; full logs go to $OUT (or /tmp/gpu_check). Budget: at most 7.5 min
-# (timeouts 150 + 110 + 120 + 60 s) plus the machine's start.
+# Prints a short summary table last; full logs go to $OUT (or /tmp/gpu_check). Budget: at most 7.9 min
+# (timeouts 140 + 170 + 100 + 60 s) plus the machine's start.
 # Usage (device tool): bash tools/gpu_check.sh
 # Dry run on a CPU (interpret mode, XLA path only): QLORA_JAX_INTERPRET=1 PY=.venv/bin/python bash tools/gpu_check.sh
 set -uo pipefail
@@ -23,12 +25,12 @@ PY=${PY:-python3}
 } | tee "$OUT/env.txt"
 
 # -p no:cacheprovider: the tree may be read-only; -o addopts=: no xdist there (one GPU anyway).
-timeout 150 $PY -m pytest tests/kernels tests/optim tests/test_memory.py -q -p no:cacheprovider -o addopts="--strict-markers --import-mode=importlib" \
+timeout 140 $PY -m pytest tests/kernels tests/optim tests/test_memory.py tests/test_timing.py -q -p no:cacheprovider -o addopts="--strict-markers --import-mode=importlib" \
   >"$OUT/tests.log" 2>&1
 tests_rc=$?
-timeout 110 $PY -m experiments.bench_kernels --json="$OUT/bench.json" >"$OUT/bench.log" 2>&1
+timeout 170 $PY -m experiments.bench_kernels --json="$OUT/bench.json" >"$OUT/bench.log" 2>&1
 bench_rc=$?
-timeout 120 $PY -m experiments.bench_optim >"$OUT/bench_optim.log" 2>&1
+timeout 100 $PY -m experiments.bench_optim >"$OUT/bench_optim.log" 2>&1
 optim_rc=$?
 timeout 60 $PY -m experiments.bench_train --hidden=4096 --layers=2 --seq=512 >"$OUT/bench_train.log" 2>&1
 train_rc=$?
