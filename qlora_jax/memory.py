@@ -248,7 +248,7 @@ def activation_bytes(
       probabilities in ``c`` (``(8 + c) H T`` — the ``[B, H, T, T]`` terms); gate, up and the
       SwiGLU product in ``c`` and float32 (``(3c + 12) F``); the adapters' rank-``r``
       intermediates (``2cr`` per target).
-    * ``dequantized``: training has ``N > FUSED_MAX_M`` rows, so ``qmatmul`` dequantizes each
+    * ``dequantized``: at training sizes ``qmatmul`` runs a dequantize + GEMM path, dequantizing each
       4-bit weight to ``c`` for an XLA GEMM (``pallas_dequant``; the CPU's ``xla`` path alike).
       Without remat, XLA merges the forward's and the backward's dequantize (CSE), so every
       block keeps its dequantized weights; with remat, one block's at a time.

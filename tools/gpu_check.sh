@@ -5,6 +5,7 @@
 #   2. experiments/bench_kernels.py: device time per kernel (CUPTI events, L2 flushed) and the
 #      dispatch-free wall-time slope, forward and backward apart, each as a ratio to copy / bf16 dot
 #      (streamed as measured: a timeout still leaves the rows done so far in bench.log);
+#      then experiments/dispatch_table.py: this card's entry of qlora_jax/kernels/dispatch.json;
 #   3. experiments/bench_optim.py (paged / 8-bit AdamW step time, host<->device GB/s);
 #   4. experiments/bench_train.py (QLoRA step vs bf16-LoRA step, hidden 4096, 2 layers).
 # Prints a short summary table last; full logs go to $OUT (or /tmp/gpu_check). Budget: at most 7.9 min
@@ -30,6 +31,12 @@ timeout 140 $PY -m pytest tests/kernels tests/optim tests/test_memory.py tests/t
 tests_rc=$?
 timeout 170 $PY -m experiments.bench_kernels --json="$OUT/bench.json" >"$OUT/bench.log" 2>&1
 bench_rc=$?
+# this card's entry of the dispatch table, from the device times above (only if the tests passed);
+# copy $OUT/dispatch.json over qlora_jax/kernels/dispatch.json to commit it
+$PY -m experiments.dispatch_table --bench="$OUT/bench.json" --tests_rc=$tests_rc \
+  --commit="${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}" --out="$OUT/dispatch.json" \
+  >"$OUT/dispatch.log" 2>&1
+table_rc=$?
 timeout 100 $PY -m experiments.bench_optim >"$OUT/bench_optim.log" 2>&1
 optim_rc=$?
 timeout 60 $PY -m experiments.bench_train --hidden=4096 --layers=2 --seq=512 >"$OUT/bench_train.log" 2>&1
@@ -41,6 +48,9 @@ tail -n 15 "$OUT/tests.log"
 echo
 echo "== bench_kernels (rc=$bench_rc) =="
 grep -v -e "^I[0-9]" -e "^W[0-9]" "$OUT/bench.log" | tail -n 60
+echo
+echo "== dispatch table (rc=$table_rc) =="
+grep -v -e "^I[0-9]" -e "^W[0-9]" "$OUT/dispatch.log" | tail -n 4
 echo
 echo "== bench_optim (rc=$optim_rc) =="
 grep -v -e "^I[0-9]" -e "^W[0-9]" "$OUT/bench_optim.log" | tail -n 12

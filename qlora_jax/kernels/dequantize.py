@@ -27,13 +27,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from qlora_jax import quant
+from qlora_jax.kernels import dispatch
 from qlora_jax.quant import codebooks
 
 IMPLS = ("auto", "pallas", "xla")
-# Whether impl="auto" runs the kernel on GPU. False until tools/gpu_check.sh passes the compiled
-# dequantize tests: its first H100 run (2026-11-28) found every tile but the first wrong (fixed
-# since in _dequantize_kernel; interpret mode had hidden it), and no GPU was left to re-run it.
-AUTO_USES_KERNEL = False
 _OUT_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -215,7 +212,8 @@ def dequantize(
     Args:
       qt: a :class:`qlora_jax.quant.QuantizedTensor`.
       dtype: float32, bfloat16 or float16.
-      impl: ``"auto"`` (the Pallas kernel on GPU for shapes it takes while ``AUTO_USES_KERNEL``, else the reference),
+      impl: ``"auto"`` (what :mod:`qlora_jax.kernels.dispatch` names for this device kind, for shapes
+        the kernel takes; else the reference),
         ``"pallas"`` (the kernel; raises for shapes it does not take) or ``"xla"`` (reference).
       interpret: run the kernel in Pallas interpret mode (CPU); ``None`` = on non-GPU backends.
       block_sizes: kernel tiling.
@@ -225,9 +223,8 @@ def dequantize(
     name = jnp.dtype(dtype).name
     if name not in _OUT_DTYPES:
         raise ValueError(f"dtype must be one of {tuple(_OUT_DTYPES)}; got {dtype!r}")
-    if impl == "auto":
-        on_gpu = jax.default_backend() == "gpu" and AUTO_USES_KERNEL
-        impl = "pallas" if on_gpu and kernel_supports(qt) else "xla"
+    if impl == "auto":  # the measured per-device table (kernels/dispatch.json); XLA where it has no entry
+        impl = dispatch.dequantize_impl() if kernel_supports(qt) else "xla"
     if impl == "xla":
         return dequantize_reference(qt, name)
     if not kernel_supports(qt):

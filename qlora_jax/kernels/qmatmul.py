@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +29,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from qlora_jax import quant
+from qlora_jax.kernels import dispatch
 from qlora_jax.kernels.dequantize import (
     dequantize as dequantize_kernel,
 )
@@ -41,19 +41,9 @@ from qlora_jax.kernels.dequantize import (
     resolve_interpret,
 )
 
-# the module: the package exports a function of the same name
-dequantize_module = importlib.import_module("qlora_jax.kernels.dequantize")
 IMPLS = ("auto", "pallas", "pallas_dequant", "xla")
 KERNEL_BLOCK_SIZES = (32, 64, 128, 256)  # quantization block sizes the fused kernels take
 KERNEL_X_DTYPES = ("bfloat16", "float16")
-
-# "auto" on GPU, set from the H100 run of tools/gpu_check.sh (2026-11-28, benchmarks/RESULTS.md):
-# the fused kernels were slower than the XLA path in fwd+bwd at every M measured (1 … 4096) and in
-# the forward at 4 of 6 shapes with M <= 16, so "auto" does not pick them (FUSED_MAX_M = 0; they
-# stay available as impl="pallas"). The dequantize kernel + GEMM path is used by "auto" only when
-# dequantize.AUTO_USES_KERNEL is set: that run found a tile-indexing bug in the kernel (fixed
-# since, not yet re-run compiled), so "auto" takes the XLA path until a GPU run passes the tests.
-FUSED_MAX_M = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,13 +283,12 @@ _qmatmul.defvjp(_qmatmul_fwd, _qmatmul_bwd)
 
 
 def choose_impl(m: int, x_dtype, qt: quant.QuantizedTensor) -> str:
-    """What ``impl="auto"`` runs for ``m`` rows of activations (see FUSED_MAX_M)."""
+    """What ``impl="auto"`` runs for ``m`` rows of activations: this device kind's entry in the
+    measured table (:mod:`qlora_jax.kernels.dispatch`); the XLA path where it has none, off GPU,
+    and for shapes or dtypes the kernels do not take."""
     if jax.default_backend() != "gpu" or not kernel_supports(x_dtype, qt):
         return "xla"
-    if m <= FUSED_MAX_M:
-        return "pallas"
-    # read at call time: a GPU re-verification flips dequantize.AUTO_USES_KERNEL for both paths
-    return "pallas_dequant" if dequantize_module.AUTO_USES_KERNEL else "xla"
+    return dispatch.qmatmul_impl(m)
 
 
 def qmatmul(
@@ -315,9 +304,8 @@ def qmatmul(
     Args:
       x: activations ``[..., in]`` (bf16 or fp16 for the kernels; any float for "xla").
       qt: the frozen weight, a 2-D QuantizedTensor of shape ``[out, in]``.
-      impl: ``"auto"`` (:func:`choose_impl`: on GPU the fused kernels for M <= FUSED_MAX_M, the
-        dequantize kernel + XLA GEMM above it while ``dequantize.AUTO_USES_KERNEL``, else and
-        elsewhere the XLA path), ``"pallas"`` (fused kernels), ``"pallas_dequant"`` (dequantize
+      impl: ``"auto"`` (:func:`choose_impl`: what the measured per-device table names for this
+        M, else the XLA path), ``"pallas"`` (fused kernels), ``"pallas_dequant"`` (dequantize
         kernel + XLA GEMM) or ``"xla"`` (:func:`qmatmul_reference`).
       interpret: run Pallas kernels in interpret mode; ``None`` = on non-GPU backends.
       block_sizes: tiling of the fused kernels; default :meth:`QMatmulBlockSizes.for_shape`.

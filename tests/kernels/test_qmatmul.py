@@ -1,7 +1,7 @@
 """Fused dequantize·matmul (forward and custom_vjp backward) against float64 products of the
 dequantized weight; dispatch, residuals and bad input."""
 
-import sys
+import json
 
 import jax
 import jax.ad_checkpoint
@@ -11,6 +11,7 @@ import pytest
 from kernel_config import INTERPRET, MATMUL_RTOL
 
 from qlora_jax import kernels, quant
+from qlora_jax.kernels import dispatch
 from qlora_jax.kernels.qmatmul import (
     QMatmulBlockSizes,
     choose_impl,
@@ -125,18 +126,46 @@ def test_auto_dispatch(monkeypatch, fresh_rng):
         assert choose_impl(4, jnp.bfloat16, qt) == "xla"
         assert "pallas_call" not in str(jax.make_jaxpr(lambda x: kernels.qmatmul(x, qt))(x))
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    # the measured H100 defaults: no fused kernel, no dequantize kernel until re-verified
+    # a device kind without an entry in the committed table (none is verified yet): the XLA path
     assert choose_impl(1, jnp.bfloat16, qt) == "xla" and choose_impl(4096, jnp.bfloat16, qt) == "xla"
-    qmatmul_module = sys.modules[choose_impl.__module__]  # kernels.qmatmul is also the function's name
-    monkeypatch.setattr(qmatmul_module, "FUSED_MAX_M", 64)
-    # the one switch dequantize.py owns (the module, not the function of the same name)
-    monkeypatch.setattr(sys.modules["qlora_jax.kernels.dequantize"], "AUTO_USES_KERNEL", True)
-    assert choose_impl(1, jnp.bfloat16, qt) == "pallas"
-    assert choose_impl(64, jnp.bfloat16, qt) == "pallas"
-    assert choose_impl(4096, jnp.bfloat16, qt) == "pallas_dequant"
-    assert choose_impl(1, jnp.float32, qt) == "xla"  # kernels take bf16/fp16 activations
-    big_block = quant.quantize(np.ones((N, 4096), np.float32), "nf4", 4096, True)
-    assert choose_impl(1, jnp.bfloat16, big_block) == "xla"
+    kind = jax.devices()[0].device_kind
+    measured = {"devices": {kind: {"dequantize": "pallas", "qmatmul": [[16, "pallas"], [None, "pallas_dequant"]]},
+                            "another card": {"qmatmul": [[None, "pallas"]]}}}  # fmt: skip
+    with dispatch.override(measured):
+        assert choose_impl(1, jnp.bfloat16, qt) == "pallas"
+        assert choose_impl(16, jnp.bfloat16, qt) == "pallas"
+        assert choose_impl(17, jnp.bfloat16, qt) == "pallas_dequant"
+        assert choose_impl(4096, jnp.bfloat16, qt) == "pallas_dequant"
+        assert dispatch.dequantize_impl() == "pallas"
+        assert choose_impl(1, jnp.float32, qt) == "xla"  # kernels take bf16/fp16 activations
+        big_block = quant.quantize(np.ones((N, 4096), np.float32), "nf4", 4096, True)
+        assert choose_impl(1, jnp.bfloat16, big_block) == "xla"
+    with dispatch.override({"devices": {kind: {"qmatmul": [[16, "pallas"]]}}}):
+        assert choose_impl(17, jnp.bfloat16, qt) == "xla"  # past the last bound: the XLA path
+        assert dispatch.dequantize_impl() == "xla"
+    assert choose_impl(1, jnp.bfloat16, qt) == "xla"  # the override ends with its block
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"qmatmul": [[16, "fused"]]}, r"devices\['k'\].qmatmul\[0\] must be \[max_m or null, one of"),
+        ({"qmatmul": [[None, "xla"], [16, "pallas"]]}, r"max_m must ascend, with null \(no bound\) only last"),
+        ({"qmatmul": [[64, "pallas"], [16, "xla"]]}, r"max_m must ascend"),
+        ({"qmatmul": [[0, "pallas"]]}, r"max_m must be a positive int or null; got 0"),
+        ({"dequantize": "triton"}, r"devices\['k'\].dequantize must be one of \('pallas', 'xla'\)"),
+    ],
+)
+def test_dispatch_table_entries_are_checked(entry, message):
+    with pytest.raises(ValueError, match=message), dispatch.override({"devices": {"k": entry}}):
+        pass
+
+
+def test_committed_dispatch_table_is_valid_and_lists_only_verified_devices():
+    table = json.loads(dispatch.TABLE_FILE.read_text())
+    for kind, entry in table["devices"].items():
+        dispatch.check_entry(kind, entry)
+        assert entry["measured"]["commit"] and entry["measured"]["date"], kind  # where its numbers came from
 
 
 def test_kernel_support_rules():

@@ -1,0 +1,79 @@
+r"""Write this device kind's entry of ``qlora_jax/kernels/dispatch.json`` from a kernel benchmark.
+
+    python -m experiments.dispatch_table --bench=$OUT/bench.json --tests_rc=0 --commit=$(git rev-parse --short HEAD) \
+        --out=$OUT/dispatch.json        # tools/gpu_check.sh does this; copy the file back to commit it
+
+Only from a run whose compiled kernel tests passed (``--tests_rc=0``) and only from device times
+(``bench_kernels`` on a GPU). Per M the fastest implementation by device time, summed over the
+benchmark's shapes: the forward alone for M <= 16 (decoding), forward + backward above (training);
+neighbouring Ms with the same winner share a bucket, the last one unbounded. Dequantize: the faster
+of the kernel and the XLA path.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import pathlib
+from collections import defaultdict
+
+from absl import app, flags
+
+from qlora_jax.kernels import dispatch
+
+DECODE_MAX_M = 16  # at most this many rows: only the forward runs (generation)
+
+_BENCH = flags.DEFINE_string("bench", None, "bench_kernels --json output (a GPU run).", required=True)
+_TESTS_RC = flags.DEFINE_integer("tests_rc", None, "Exit status of the compiled kernel tests.", required=True)
+_COMMIT = flags.DEFINE_string("commit", "", "Commit the run measured.")
+_OUT = flags.DEFINE_string("out", str(dispatch.TABLE_FILE), "The table to update (read, then written).")
+
+
+def entry_from_rows(rows: list[dict], *, commit: str, date: str) -> dict:
+    """The dispatch entry the benchmark rows support (see the module docstring)."""
+    timed = [r for r in rows if r.get("device_us") is not None]
+    if not timed:
+        raise ValueError("the benchmark has no device times (a CPU run?): nothing to choose from")
+    deq = defaultdict(float)
+    for r in timed:
+        if r["op"] == "dequantize":
+            deq[r["impl"]] += r["device_us"]
+    per_m: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for r in timed:
+        if r["op"] in ("forward", "backward") and r["impl"] in dispatch.QMATMUL_IMPLS:
+            if r["op"] == "forward" or r["m"] > DECODE_MAX_M:
+                per_m[r["m"]][r["impl"]] += r["device_us"]
+    best = [(m, min(impls, key=impls.get)) for m, impls in sorted(per_m.items())]
+    rules: list[list] = []
+    for m, impl in best:
+        if rules and rules[-1][1] == impl:
+            rules[-1][0] = m
+        else:
+            rules.append([m, impl])
+    if rules:
+        rules[-1][0] = None  # beyond the largest M measured: what won there
+    entry = {
+        "dequantize": min(deq, key=deq.get) if deq else "xla",
+        "qmatmul": rules,
+        "measured": {"date": date, "commit": commit, "source": "experiments/bench_kernels.py device time (CUPTI)"},
+    }
+    dispatch.check_entry("(new)", entry, where="experiments.dispatch_table")
+    return entry
+
+
+def main(argv):
+    del argv
+    if _TESTS_RC.value != 0:
+        raise SystemExit(f"dispatch_table: the compiled kernel tests failed (rc={_TESTS_RC.value}); table left as is")
+    bench = json.loads(pathlib.Path(_BENCH.value).read_text())
+    date = datetime.date.today().isoformat()
+    entry = entry_from_rows(bench["rows"], commit=_COMMIT.value, date=date)
+    out = pathlib.Path(_OUT.value)
+    table = json.loads((out if out.exists() else dispatch.TABLE_FILE).read_text())
+    table.setdefault("devices", {})[bench["device"]] = entry
+    out.write_text(json.dumps(table, indent=2) + "\n")
+    print(f"{out}: {bench['device']}: {json.dumps(entry)}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,42 @@
+"""experiments/dispatch_table.py: the dispatch entry a GPU benchmark supports."""
+
+import pytest
+
+from experiments.dispatch_table import entry_from_rows
+
+
+def _row(op, impl, m, us, k=4096):
+    return {"op": op, "impl": impl, "m": m, "k": k, "n": 4096, "device_us": us, "slope_us": us}
+
+
+def test_fastest_per_m_forward_when_decoding_forward_and_backward_when_training():
+    rows = [
+        _row("dequantize", "pallas", None, 10.0), _row("dequantize", "xla", None, 14.0),
+        # M=1: pallas wins the forward (the backward, where xla wins big, does not count when decoding)
+        _row("forward", "pallas", 1, 5.0), _row("forward", "xla", 1, 9.0), _row("forward", "pallas_dequant", 1, 7.0),
+        _row("backward", "pallas", 1, 90.0), _row("backward", "xla", 1, 10.0),
+        _row("forward", "pallas", 16, 6.0), _row("forward", "xla", 16, 9.5), _row("forward", "pallas_dequant", 16, 8.0),
+        # M=512: pallas_dequant by forward + backward (pallas' faster forward does not make up for its backward)
+        _row("forward", "pallas", 512, 50.0), _row("backward", "pallas", 512, 200.0),
+        _row("forward", "pallas_dequant", 512, 60.0), _row("backward", "pallas_dequant", 512, 70.0),
+        _row("forward", "xla", 512, 65.0), _row("backward", "xla", 512, 75.0),
+        _row("forward", "pallas_dequant", 4096, 400.0), _row("backward", "pallas_dequant", 4096, 410.0),
+        _row("forward", "xla", 4096, 405.0), _row("backward", "xla", 4096, 420.0),
+        _row("forward", "bf16 dot", 4096, 100.0),  # the baseline is never a choice
+    ]  # fmt: skip
+    entry = entry_from_rows(rows, commit="abc1234", date="2026-12-02")
+    assert entry["dequantize"] == "pallas"
+    assert entry["qmatmul"] == [[16, "pallas"], [None, "pallas_dequant"]]
+    assert entry["measured"]["commit"] == "abc1234"
+
+
+def test_times_are_summed_over_shapes():
+    rows = [_row("forward", "pallas", 1, 5.0, k=4096), _row("forward", "xla", 1, 6.0, k=4096),
+            _row("forward", "pallas", 1, 20.0, k=11008), _row("forward", "xla", 1, 10.0, k=11008)]  # fmt: skip
+    assert entry_from_rows(rows, commit="", date="")["qmatmul"] == [[None, "xla"]]  # 25 vs 16 us
+
+
+def test_a_cpu_run_has_nothing_to_choose_from():
+    rows = [dict(_row("forward", "xla", 512, 1.0), device_us=None)]
+    with pytest.raises(ValueError, match="no device times"):
+        entry_from_rows(rows, commit="", date="")
