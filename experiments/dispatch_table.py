@@ -23,8 +23,10 @@ from qlora_jax.kernels import dispatch
 
 DECODE_MAX_M = 16  # at most this many rows: only the forward runs (generation)
 
-_BENCH = flags.DEFINE_string("bench", None, "bench_kernels --json output (a GPU run).", required=True)
-_TESTS_RC = flags.DEFINE_integer("tests_rc", None, "Exit status of the compiled kernel tests.", required=True)
+# not required=True: that would be checked by every absl parse in a process that imports this module
+# (the test suite's workers import them all)
+_BENCH = flags.DEFINE_string("bench", None, "bench_kernels --json output (a GPU run); required.")
+_TESTS_RC = flags.DEFINE_integer("tests_rc", None, "Exit status of the compiled kernel tests; required.")
 _COMMIT = flags.DEFINE_string("commit", "", "Commit the run measured.")
 _OUT = flags.DEFINE_string("out", str(dispatch.TABLE_FILE), "The table to update (read, then written).")
 
@@ -63,6 +65,8 @@ def entry_from_rows(rows: list[dict], *, commit: str, date: str) -> dict:
 
 def main(argv):
     del argv
+    if _BENCH.value is None or _TESTS_RC.value is None:
+        raise app.UsageError("--bench and --tests_rc are required")
     if _TESTS_RC.value != 0:
         raise SystemExit(f"dispatch_table: the compiled kernel tests failed (rc={_TESTS_RC.value}); table left as is")
     bench = json.loads(pathlib.Path(_BENCH.value).read_text())
