@@ -16,12 +16,21 @@ Ops, each against a baseline of the same shape measured in the same run:
 
 * dequantize NF4+DQ -> bf16 against a device copy of the bf16 ``[N, K]`` (read + write): the
   ratio is the fraction of copy bandwidth reached;
+  the first shape also times the kernel's old select-tree lookup (``pallas select``) beside the
+  table lookup it replaced;
 * qmatmul forward, and backward (dx from dy, the forward not recomputed) separately, for each
-  implementation — ``pallas`` (fused), ``pallas_dequant`` (dequantize kernel + XLA GEMM), ``xla``
-  (XLA dequantize + dot) — against the same bf16 ``x @ W.T`` / ``dy @ W`` (float32 accumulation)
-  on the dequantized weight.
+  implementation — ``pallas`` (tiled fused), ``pallas_decode`` (split-K decode kernel, M <= 16,
+  forward only: its backward is the XLA path), ``pallas_dequant`` (dequantize kernel + XLA GEMM),
+  ``xla`` (XLA dequantize + dot) — against the same bf16 ``x @ W.T`` / ``dy @ W`` (float32
+  accumulation) on the dequantized weight;
+* the backward's memory: qmatmul keeps only the 4-bit weight between forward and backward and
+  dequantizes again in the backward (its cost is the backward rows' ratio to ``bf16 dot``, which
+  is handed the bf16 weight); keeping a bf16 copy instead would hold 2 bytes per parameter per
+  layer until the backward. The bytes of both residuals are printed per shape (on every backend:
+  they come from ``jax.ad_checkpoint.saved_residuals``, not from a timer).
 
-Ratios are printed, not asserted (the machines are noisy).
+Ratios are printed, not asserted (the machines are noisy). ``--json`` is rewritten after every row,
+so a run cut short by a timeout still leaves what it measured.
 """
 
 from __future__ import annotations
@@ -83,6 +92,19 @@ def _measure(op, args_list, repeats, layers):
     return {"device_us": None if device is None else 1e6 * sorted(device)[len(device) // 2], "slope_us": 1e6 * slope}
 
 
+def residual_bytes(f, x, qt) -> int:
+    """Bytes the backward of ``x -> f(x, qt)`` holds from the forward: the arrays inside its vjp
+    function (jax.vjp's residuals, the frozen weight included when that is all it keeps)."""
+    _, vjp = jax.vjp(lambda x: f(x, qt), x)
+    return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(vjp) if hasattr(a, "dtype"))
+
+
+def _keep_bf16(x, qt):
+    """The alternative to dequantizing again: plain autodiff of dequantize + dot, which keeps the
+    dequantized bf16 weight as the product's residual."""
+    return _bf16_dot(x, quant.dequantize(qt, jnp.bfloat16))
+
+
 def _ratio(base: dict, ours: dict, key: str) -> float | None:
     """Baseline time over ours (> 1: ours is faster)."""
     if base[key] is None or ours[key] is None or ours[key] <= 0:
@@ -105,10 +127,16 @@ def main(argv):
     )
     print(f"jax {jax.__version__} on {dev.device_kind}: {measures}; {repeats} calls, slope over {layers} -> "
           f"{2 * layers} layers")  # fmt: skip
-    rows = []
+    rows, memory = [], []
+
+    def dump():
+        if _JSON.value:
+            with open(_JSON.value, "w") as f:
+                json.dump(dict(device=dev.device_kind, jax=jax.__version__, rows=rows, memory=memory), f, indent=1)
 
     def record(row):
         rows.append(row)
+        dump()
         d = "-" if row["device_us"] is None else f"{row['device_us']:.1f}"
         print(f"measured {row['op']:<12} {row['impl']:<15} M={row['m']} K={row['k']} N={row['n']}: "
               f"device {d} us, slope {row['slope_us']:.1f} us", flush=True)  # fmt: skip
@@ -119,9 +147,18 @@ def main(argv):
         qts, w16 = [qt for qt, _ in ws], [w for _, w in ws]
         base = dict(k=k, n=n, m=None)
         record(dict(op="copy", impl="bf16", **base, **_measure(jnp.copy, [(w,) for w in w16], repeats, layers)))
-        for impl in ["pallas", "xla"] if on_gpu else ["xla"]:
-            op = lambda qt, impl=impl: kernels.dequantize(qt, jnp.bfloat16, impl=impl)  # noqa: E731
-            record(dict(op="dequantize", impl=impl, **base, **_measure(op, [(qt,) for qt in qts], repeats, layers)))
+        variants = [("pallas", "table"), ("pallas", "select"), ("xla", None)] if on_gpu else [("xla", None)]
+        for impl, lookup in variants:
+            if lookup == "select" and spec != _SHAPES.value[0]:
+                continue
+            sizes = kernels.DequantizeBlockSizes(lookup=lookup or "table")
+            op = lambda qt, impl=impl, sizes=sizes: kernels.dequantize(qt, jnp.bfloat16, impl=impl, block_sizes=sizes)  # noqa: E731
+            name = f"{impl} select" if lookup == "select" else impl
+            record(dict(op="dequantize", impl=name, **base, **_measure(op, [(qt,) for qt in qts], repeats, layers)))
+        x1 = jnp.zeros((1, k), jnp.bfloat16)
+        ours = residual_bytes(lambda x, qt: kernels.qmatmul(x, qt, impl="xla"), x1, qts[0])
+        kept = residual_bytes(_keep_bf16, x1, qts[0])
+        memory.append(dict(k=k, n=n, requantize_bytes=ours, keep_bf16_bytes=kept))
 
         for m in ms:
             xs = [jax.random.normal(jax.random.key(100 + i), (m, k), jnp.bfloat16) for i in range(2 * layers)]
@@ -133,12 +170,13 @@ def main(argv):
             record(
                 dict(op="backward", impl="bf16 dot", **shape, **_measure(_bf16_dot_backward, bwd_args, repeats, layers))
             )
-            for impl in impls:
+            for impl in impls + (["pallas_decode"] if on_gpu and m <= kernels.DECODE_MAX_M else []):
                 f = lambda x, qt, impl=impl: kernels.qmatmul(x, qt, impl=impl)  # noqa: E731
                 q_fwd = list(zip(xs, qts, strict=True))
                 q_bwd = list(zip(xs, qts, dys, strict=True))
                 record(dict(op="forward", impl=impl, **shape, **_measure(f, q_fwd, repeats, layers)))
-                record(dict(op="backward", impl=impl, **shape, **_measure(_backward(f), q_bwd, repeats, layers)))
+                if impl != "pallas_decode":  # its backward is the XLA path, timed as "xla"
+                    record(dict(op="backward", impl=impl, **shape, **_measure(_backward(f), q_bwd, repeats, layers)))
 
     print()
     print(f"{'op':>10} {'M':>5} {'K':>6} {'N':>6} {'impl':>15} {'device us':>10} {'slope us':>9} "
@@ -157,9 +195,13 @@ def main(argv):
               f"{'-' if rs is None else f'{rs:.2f}':>10}")  # fmt: skip
     print("base/dev, base/slope: the baseline's time over ours (> 1: faster than the baseline; for dequantize, "
           "the fraction of copy bandwidth).")  # fmt: skip
-    if _JSON.value:
-        with open(_JSON.value, "w") as f:
-            json.dump(dict(device=dev.device_kind, jax=jax.__version__, rows=rows), f, indent=1)
+    print()
+    print("kept from forward to backward, per layer (qmatmul dequantizes again; the alternative keeps bf16):")
+    for r in memory:
+        ours, kept = r["requantize_bytes"], r["keep_bf16_bytes"]
+        print(f"  K={r['k']} N={r['n']}: qmatmul {ours / 2**20:.2f} MiB, keep bf16 {kept / 2**20:.2f} MiB "
+              f"({kept / ours:.2f}x)")  # fmt: skip
+    dump()
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ r"""Write this device kind's entry of ``qlora_jax/kernels/dispatch.json`` from a
 Only from a run whose compiled kernel tests passed (``--tests_rc=0``) and only from device times
 (``bench_kernels`` on a GPU). Per M the fastest implementation by device time, summed over the
 benchmark's shapes: the forward alone for M <= 16 (decoding), forward + backward above (training);
-neighbouring Ms with the same winner share a bucket, the last one unbounded. Dequantize: the faster
+neighbouring Ms with the same winner share a bucket, the last one unbounded (``pallas_decode``, for
+M <= 16 only, is followed by the best of the others at the largest M measured). Dequantize: the faster
 of the kernel and the XLA path.
 """
 
@@ -21,7 +22,7 @@ from absl import app, flags
 
 from qlora_jax.kernels import dispatch
 
-DECODE_MAX_M = 16  # at most this many rows: only the forward runs (generation)
+DECODE_MAX_M = dispatch.DECODE_MAX_M  # at most this many rows: only the forward runs (generation)
 
 # not required=True: that would be checked by every absl parse in a process that imports this module
 # (the test suite's workers import them all)
@@ -52,6 +53,10 @@ def entry_from_rows(rows: list[dict], *, commit: str, date: str) -> dict:
             rules[-1][0] = m
         else:
             rules.append([m, impl])
+    if rules and rules[-1][1] == "pallas_decode":  # it takes M <= 16 only: beyond, the best of the others
+        m, impls = max(per_m.items())
+        others = {i: t for i, t in impls.items() if i != "pallas_decode"}
+        rules.append([None, min(others, key=others.get) if others else "xla"])
     if rules:
         rules[-1][0] = None  # beyond the largest M measured: what won there
     entry = {

@@ -36,6 +36,17 @@ def test_times_are_summed_over_shapes():
     assert entry_from_rows(rows, commit="", date="")["qmatmul"] == [[None, "xla"]]  # 25 vs 16 us
 
 
+def test_the_decode_kernel_is_bounded_to_decode_sizes():
+    rows = [_row("forward", "pallas_decode", 1, 3.0), _row("forward", "pallas", 1, 5.0), _row("forward", "xla", 1, 9.0),
+            _row("forward", "pallas_decode", 16, 4.0), _row("forward", "pallas", 16, 6.0),
+            _row("forward", "xla", 16, 5.0)]  # fmt: skip
+    # only decode sizes measured: past M=16, the best of the others at M=16 (xla, 5 us)
+    assert entry_from_rows(rows, commit="", date="")["qmatmul"] == [[16, "pallas_decode"], [None, "xla"]]
+    rows += [_row("forward", "xla", 512, 60.0), _row("backward", "xla", 512, 60.0),
+             _row("forward", "pallas_dequant", 512, 50.0), _row("backward", "pallas_dequant", 512, 50.0)]  # fmt: skip
+    assert entry_from_rows(rows, commit="", date="")["qmatmul"] == [[16, "pallas_decode"], [None, "pallas_dequant"]]
+
+
 def test_a_cpu_run_has_nothing_to_choose_from():
     rows = [dict(_row("forward", "xla", 512, 1.0), device_us=None)]
     with pytest.raises(ValueError, match="no device times"):

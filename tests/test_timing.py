@@ -64,3 +64,8 @@ def test_device_time_is_none_off_gpu_and_the_benchmark_says_so(tmp_path):
         ("forward", "xla"), ("backward", "xla"),
     }  # fmt: skip
     assert all(r["device_us"] is None and np.isfinite(r["slope_us"]) for r in rows)
+    # N=64 x K=128 NF4+DQ at block 64: codes N*K/2, 8-bit absmax N*K/64, one nested scale and the offset
+    (memory,) = json.loads(out.read_text())["memory"]
+    assert memory == dict(
+        k=128, n=64, requantize_bytes=64 * 128 // 2 + 64 * 128 // 64 + 4 + 4, keep_bf16_bytes=2 * 64 * 128
+    )

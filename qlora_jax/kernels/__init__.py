@@ -1,14 +1,18 @@
-"""4-bit kernels: Pallas (Triton) on GPU, interpret mode on CPU, pure-jnp references everywhere.
+"""4-bit kernels: Pallas (Triton; a Mosaic GPU prototype) on GPU, interpret mode on CPU, pure-jnp references everywhere.
 
 from qlora_jax import kernels
 w = kernels.dequantize(qt, dtype=jnp.bfloat16)     # [out, in]
 y = kernels.qmatmul(x, qt)                         # x: [..., in] -> [..., out]
 """
 
+from qlora_jax.kernels.decode import MAX_M as DECODE_MAX_M
+from qlora_jax.kernels.decode import DecodeBlockSizes
 from qlora_jax.kernels.dequantize import DequantizeBlockSizes, dequantize, dequantize_reference
 from qlora_jax.kernels.qmatmul import QMatmulBlockSizes, choose_impl, qmatmul, qmatmul_reference
 
 __all__ = [
+    "DECODE_MAX_M",
+    "DecodeBlockSizes",
     "DequantizeBlockSizes",
     "QMatmulBlockSizes",
     "choose_impl",

@@ -1,18 +1,33 @@
 """Pallas kernel: 4-bit dequantize (NF4/FP4/int4, plain or double-quantized absmax).
 
 Terms: a *block* is a quantization block (``qt.block_size`` consecutive elements sharing one
-absmax); a *tile* is the work of one kernel program (``blocks_per_tile`` blocks). The packed
-tensor is viewed as ``[num_blocks, block_size / 2]`` bytes, so a tile is a row range and the
-output tile ``[blocks_per_tile, block_size]`` is contiguous in the row-major result.
+absmax); a *tile* is the work of one kernel program (``blocks_per_tile`` blocks), done in *steps*
+of ``blocks_per_step`` blocks. The packed tensor is viewed as ``[num_blocks, block_size / 2]``
+bytes, so a tile is a row range and the output tile ``[blocks_per_tile, block_size]`` is
+contiguous in the row-major result.
+
+Bandwidth (issue 16): the output is 4x the input's bytes, so the kernel is a streaming copy with a
+little arithmetic, and what limits it is how many bytes are in flight and how many instructions
+each element costs:
+
+* the code lookup is one load from a 16-entry float32 table (``lookup="table"``: the table is an
+  input, 64 bytes that stay in L1), where the first version ran a 15-select tree on the code bits
+  (``lookup="select"``, kept for comparison: ~20 instructions per element, ~13 on the integer
+  pipe, against ~3 for an indexed load);
+* a program loops over its tile in steps, so with ``num_stages > 1`` Triton software-pipelines the
+  next step's loads under this step's arithmetic and stores (the first version ran one unpipelined
+  tile per program);
+* a step's bytes are whole rows of the contiguous ``[blocks, block/2]`` view, so each thread's
+  loads and stores are runs of consecutive bytes that Triton can issue as 16-byte accesses.
 
 Lowering constraints (Triton, checked from CPU by ``tests/kernels/test_lowering.py``): no gather
-on values, so the 16-entry code table is a select tree on the code bits; loads from refs with
-computed indices (the 256-entry dynamic map of double quantization, the nested scales) are
-plain pointer loads and are allowed.
+on *values*, but loads from refs at computed indices (the code table, the 256-entry dynamic map of
+double quantization, the nested scales) are plain pointer loads and are allowed.
 
 The pure-jnp reference (:func:`dequantize_reference`) is :func:`qlora_jax.quant.dequantize`:
 the test oracle and the fallback for shapes the kernel does not take (an element count that is
-not a multiple of the block size, or fewer than 16 blocks).
+not a multiple of the block size, or fewer than 16 blocks). Both lookups give the same float32
+value, so the kernel is bit-identical to the reference either way.
 """
 
 from __future__ import annotations
@@ -31,6 +46,7 @@ from qlora_jax.kernels import dispatch
 from qlora_jax.quant import codebooks
 
 IMPLS = ("auto", "pallas", "xla")
+LOOKUPS = ("table", "select")
 _OUT_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -39,24 +55,47 @@ class DequantizeBlockSizes:
     """Tiling of the dequantize kernel.
 
     Attributes:
-      blocks_per_tile: quantization blocks per program (a power of two). 64 blocks of 64 codes
-        = 4096 outputs (8 KiB in bf16) per program and 4096 programs for a 4096x4096 weight:
-        chosen to keep every H100 SM streaming, not yet measured on one (tools/gpu_check.sh
-        reports the achieved fraction of copy bandwidth).
+      blocks_per_tile: quantization blocks per program (this and the next two: powers of two).
+        256 blocks of 64 codes = 16384 outputs (32 KiB of bf16) per program: 1024 programs for
+        a 4096x4096 weight, ~8 per H100 SM, so every SM streams. Not yet measured on a GPU
+        (tools/gpu_check.sh reports the fraction of copy bandwidth reached).
+      blocks_per_step: blocks per pipelined step of a program's loop (2 KiB of codes in, 8 KiB
+        of bf16 out at block 64 and 32 blocks).
       num_warps: Triton warps per program.
-      num_stages: Triton software-pipelining stages (1: there is no loop to pipeline).
+      num_stages: Triton software-pipelining stages of the step loop (1: no pipelining).
+      lookup: ``"table"`` (indexed load from the 16-entry table) or ``"select"`` (select tree).
     """
 
-    blocks_per_tile: int = 64
+    blocks_per_tile: int = 256
+    blocks_per_step: int = 32
     num_warps: int = 4
-    num_stages: int = 1
+    num_stages: int = 3
+    lookup: str = "table"
+
+    def __post_init__(self):
+        for name in ("blocks_per_tile", "blocks_per_step", "num_warps"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1 or v & (v - 1):
+                raise ValueError(f"DequantizeBlockSizes.{name} must be a positive power of two; got {v!r}")
+        if not isinstance(self.num_stages, int) or self.num_stages < 1:
+            raise ValueError(f"DequantizeBlockSizes.num_stages must be a positive int; got {self.num_stages!r}")
+        if self.lookup not in LOOKUPS:
+            raise ValueError(f"DequantizeBlockSizes.lookup must be one of {LOOKUPS}; got {self.lookup!r}")
 
 
 # --- In-kernel helpers, shared with qmatmul -----------------------------------------------------
 
 
-def lookup_4bit(codes: jax.Array, quant_type: str) -> jax.Array:
-    """float32 table values of 4-bit codes, by a binary select tree on the code bits (no gather)."""
+def code_table(quant_type: str) -> jax.Array:
+    """The 16-entry float32 table a kernel indexes (an input ref, so the lookup is a cached load)."""
+    return jnp.asarray(codebooks.table(quant_type), jnp.float32)
+
+
+def lookup_4bit(codes: jax.Array, quant_type: str, table_ref=None) -> jax.Array:
+    """float32 table values of 4-bit codes: ``table_ref[codes]`` (one indexed load per element)
+    when the kernel was given :func:`code_table`, else a binary select tree on the code bits."""
+    if table_ref is not None:
+        return table_ref[codes.astype(jnp.int32)]
     table = codebooks.table(quant_type)
     bits = [((codes >> k) & 1) == 1 for k in range(4)]
     layer = [np.float32(v) for v in table]
@@ -107,10 +146,10 @@ def load_absmax(absmax_ref, dq_refs, block_ids: jax.Array, *, nested_block_size,
     return centred + offset_ref[0]
 
 
-def dequantize_tile(packed: jax.Array, absmax: jax.Array, quant_type: str, dtype) -> jax.Array:
+def dequantize_tile(packed: jax.Array, absmax: jax.Array, quant_type: str, dtype, table_ref=None) -> jax.Array:
     """``[rows, block/2]`` packed bytes x ``[rows, 1]`` absmax -> ``[rows, block]`` values in dtype."""
-    hi = lookup_4bit(packed >> 4, quant_type) * absmax
-    lo = lookup_4bit(packed & 15, quant_type) * absmax
+    hi = lookup_4bit(packed >> 4, quant_type, table_ref) * absmax
+    lo = lookup_4bit(packed & 15, quant_type, table_ref) * absmax
     rows, half = packed.shape
     # even-index element in the high nibble: interleave (Triton: join + reshape, one store)
     return jnp.stack([hi, lo], axis=-1).reshape(rows, 2 * half).astype(dtype)
@@ -119,17 +158,29 @@ def dequantize_tile(packed: jax.Array, absmax: jax.Array, quant_type: str, dtype
 # --- The kernel ---------------------------------------------------------------------------------
 
 
-def _dequantize_kernel(packed_ref, absmax_ref, *refs, quant_type, blocks_per_tile, nested_block_size, interpret):
-    *dq_refs, o_ref = refs
+def _dequantize_kernel(
+    packed_ref, absmax_ref, *refs, quant_type, blocks_per_tile, blocks_per_step, nested_block_size, table, interpret
+):
+    refs = list(refs)
+    o_ref = refs.pop()
+    table_ref = refs.pop(0) if table else None
+    dq_refs = tuple(refs)
     start = pl.program_id(0) * blocks_per_tile
-    block_ids = start + jax.lax.broadcasted_iota(jnp.int32, (blocks_per_tile, 1), 0)
-    absmax = load_absmax(
-        absmax_ref, tuple(dq_refs), block_ids, nested_block_size=nested_block_size, interpret=interpret
-    )  # [tile, 1]
-    # the BlockSpec already hands this program its own tile: index it locally. (Indexing it at the
-    # global `start` read past the tile on the GPU; interpret mode clamps the slice and hid it.)
-    packed = packed_ref[...]  # [tile, block/2]
-    o_ref[...] = dequantize_tile(packed, absmax, quant_type, o_ref.dtype)
+    rows = jax.lax.broadcasted_iota(jnp.int32, (blocks_per_step, 1), 0)
+
+    def step(s, carry):
+        # the BlockSpec hands this program its own tile: index it locally. (Indexing it at the
+        # global block number read past the tile on the GPU; Triton interpret mode clamps the
+        # slice and hid it.)
+        local = s * blocks_per_step
+        absmax = load_absmax(
+            absmax_ref, dq_refs, start + local + rows, nested_block_size=nested_block_size, interpret=interpret
+        )  # [step, 1]
+        packed = packed_ref[pl.ds(local, blocks_per_step), :]  # [step, block/2]
+        o_ref[pl.ds(local, blocks_per_step), :] = dequantize_tile(packed, absmax, quant_type, o_ref.dtype, table_ref)
+        return carry
+
+    jax.lax.fori_loop(0, blocks_per_tile // blocks_per_step, step, 0)
 
 
 def kernel_supports(qt: quant.QuantizedTensor) -> bool:
@@ -157,7 +208,10 @@ def dequantize_pallas(
     (aliased), so elements it fails to write keep their poison value."""
     nb, bs = qt.num_blocks, qt.block_size
     tile = _tile_blocks(nb, block_sizes.blocks_per_tile)
-    args = (qt.packed.reshape(nb, bs // 2), qt.absmax, *double_quant_args(qt))
+    step = min(block_sizes.blocks_per_step, tile)
+    table = block_sizes.lookup == "table"
+    args = (qt.packed.reshape(nb, bs // 2), qt.absmax, *((code_table(qt.quant_type),) if table else ()))
+    args = (*args, *double_quant_args(qt))
     out_shape = jax.ShapeDtypeStruct((nb, bs), _OUT_DTYPES[dtype])
     aliases = {}
     if out is not None:
@@ -167,7 +221,9 @@ def dequantize_pallas(
         _dequantize_kernel,
         quant_type=qt.quant_type,
         blocks_per_tile=tile,
+        blocks_per_step=step,
         nested_block_size=qt.nested_block_size,
+        table=table,
         interpret=interpret,
     )
     if out is not None:  # the aliased buffer arrives as an extra input ref, before the output
@@ -181,7 +237,7 @@ def dequantize_pallas(
         input_output_aliases=aliases,
         interpret=interpret,
         compiler_params=plgpu.CompilerParams(num_warps=block_sizes.num_warps, num_stages=block_sizes.num_stages),
-        name=f"dequantize_{qt.quant_type}{'_dq' if qt.double_quant else ''}",
+        name=f"dequantize_{qt.quant_type}{'_dq' if qt.double_quant else ''}_{block_sizes.lookup}",
     )(*args)
     return y.reshape(qt.shape)
 

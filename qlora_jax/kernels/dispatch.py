@@ -6,7 +6,7 @@
 
     {"devices": {"NVIDIA H200": {
         "dequantize": "pallas",                         # or "xla"
-        "qmatmul": [[16, "pallas"], [null, "pallas_dequant"]],   # (max M, impl), M ascending
+        "qmatmul": [[16, "pallas_decode"], [null, "pallas_dequant"]],   # (max M, impl), M ascending
         "measured": {"date": "...", "commit": "...", "source": "bench_kernels device time"}}}}
 
 A kind without an entry, and every non-GPU backend, runs the XLA path. :func:`override` swaps
@@ -23,7 +23,8 @@ import pathlib
 import jax
 
 TABLE_FILE = pathlib.Path(__file__).with_name("dispatch.json")
-QMATMUL_IMPLS = ("pallas", "pallas_dequant", "xla")
+QMATMUL_IMPLS = ("pallas", "pallas_decode", "pallas_dequant", "xla")
+DECODE_MAX_M = 16  # qlora_jax.kernels.decode.MAX_M (not imported: the kernels import this module)
 DEQUANTIZE_IMPLS = ("pallas", "xla")
 _override: list[dict] = []
 
@@ -39,6 +40,8 @@ def check_entry(kind: str, entry: dict, where: str = str(TABLE_FILE)) -> None:
             raise ValueError(f"{what}.qmatmul[{i}] must be [max_m or null, one of {QMATMUL_IMPLS}]; got {rule!r}")
         if rule[0] is not None and (not isinstance(rule[0], int) or rule[0] < 1):
             raise ValueError(f"{what}.qmatmul[{i}]: max_m must be a positive int or null; got {rule[0]!r}")
+        if rule[1] == "pallas_decode" and (rule[0] is None or rule[0] > DECODE_MAX_M):
+            raise ValueError(f"{what}.qmatmul[{i}]: pallas_decode takes M <= {DECODE_MAX_M}; got max_m {rule[0]!r}")
         bounds.append(rule[0])
     finite = [b for b in bounds if b is not None]
     if finite != sorted(finite) or None in bounds[:-1]:

@@ -11,10 +11,18 @@ over N.
 Terms: *block* = quantization block (``qt.block_size`` elements of K sharing an absmax);
 *tile* = a kernel program's slice of an operand (``QMatmulBlockSizes``).
 
+The code lookup is the dequantize kernel's: one load from the 16-entry table per code. For
+decode-sized M (1…16) :mod:`qlora_jax.kernels.decode` has a split-K kernel of its own
+(``impl="pallas_decode"``); these tiled kernels pad x to Triton's 16-row minimum.
+
 The frozen weight gets no gradient: :func:`qmatmul` is a ``jax.custom_vjp`` whose cotangent for
 ``qt`` is zero by design (float0 for its integer leaves). Its only residual is ``qt`` itself —
 the backward pass dequantizes again rather than keeping a bf16 copy of the weight alive between
-forward and backward, which would cost 4x the quantized bytes per layer.
+forward and backward. That is a deliberate trade: a kept copy would hold 3.88x the quantized
+bytes per layer until its backward (86 MiB instead of 22 MiB for a 4096x11008 projection, 2 B
+instead of 0.52 B per parameter: ``experiments/bench_kernels.py`` prints both), which for a 7B
+model is the whole point of QLoRA lost; the price is one more dequantize per layer in the backward,
+which the benchmark's backward rows time against a bf16 ``dy @ W`` that is handed the weight.
 """
 
 from __future__ import annotations
@@ -29,19 +37,20 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from qlora_jax import quant
-from qlora_jax.kernels import dispatch
+from qlora_jax.kernels import decode, dispatch
 from qlora_jax.kernels.dequantize import (
-    dequantize as dequantize_kernel,
-)
-from qlora_jax.kernels.dequantize import (
+    code_table,
     dequantize_tile,
     double_quant_args,
     drop_alias_input,
     load_absmax,
     resolve_interpret,
 )
+from qlora_jax.kernels.dequantize import (
+    dequantize as dequantize_kernel,
+)
 
-IMPLS = ("auto", "pallas", "pallas_dequant", "xla")
+IMPLS = ("auto", "pallas", "pallas_decode", "pallas_dequant", "xla")
 KERNEL_BLOCK_SIZES = (32, 64, 128, 256)  # quantization block sizes the fused kernels take
 KERNEL_X_DTYPES = ("bfloat16", "float16")
 
@@ -84,7 +93,7 @@ def _block_ids(rows: jax.Array, blocks_per_row: int, kb) -> jax.Array:
     return rows * blocks_per_row + kb
 
 
-def _load_weight_tile(packed_ref, absmax_ref, dq_refs, row0, kb, *, block_n, qt_meta, dtype, interpret):
+def _load_weight_tile(packed_ref, absmax_ref, table_ref, dq_refs, row0, kb, *, block_n, qt_meta, dtype, interpret):
     """Dequantize ``W[row0:row0+block_n, kb*block:(kb+1)*block]`` -> ``[block_n, block]`` dtype."""
     quant_type, block_size, blocks_per_row, nested_block_size = qt_meta
     rows = row0 + jax.lax.broadcasted_iota(jnp.int32, (block_n, 1), 0)
@@ -96,10 +105,10 @@ def _load_weight_tile(packed_ref, absmax_ref, dq_refs, row0, kb, *, block_n, qt_
         interpret=interpret,
     )  # [block_n, 1]
     packed = packed_ref[pl.ds(row0, block_n), pl.ds(kb * (block_size // 2), block_size // 2)]
-    return dequantize_tile(packed, absmax, quant_type, dtype)
+    return dequantize_tile(packed, absmax, quant_type, dtype, table_ref)
 
 
-def _qmatmul_fwd_kernel(x_ref, packed_ref, absmax_ref, *refs, block_m, block_n, qt_meta, interpret):
+def _qmatmul_fwd_kernel(x_ref, packed_ref, absmax_ref, table_ref, *refs, block_m, block_n, qt_meta, interpret):
     *dq_refs, o_ref = refs
     _, block_size, blocks_per_row, _ = qt_meta
     i, j = pl.program_id(0), pl.program_id(1)
@@ -108,6 +117,7 @@ def _qmatmul_fwd_kernel(x_ref, packed_ref, absmax_ref, *refs, block_m, block_n, 
         w = _load_weight_tile(
             packed_ref,
             absmax_ref,
+            table_ref,
             tuple(dq_refs),
             j * block_n,
             kb,
@@ -123,7 +133,9 @@ def _qmatmul_fwd_kernel(x_ref, packed_ref, absmax_ref, *refs, block_m, block_n, 
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
-def _qmatmul_bwd_kernel(dy_ref, packed_ref, absmax_ref, *refs, block_m, block_n, n_tiles, qt_meta, interpret):
+def _qmatmul_bwd_kernel(
+    dy_ref, packed_ref, absmax_ref, table_ref, *refs, block_m, block_n, n_tiles, qt_meta, interpret
+):
     *dq_refs, o_ref = refs
     _, block_size, _, _ = qt_meta
     i, kb = pl.program_id(0), pl.program_id(1)
@@ -132,6 +144,7 @@ def _qmatmul_bwd_kernel(dy_ref, packed_ref, absmax_ref, *refs, block_m, block_n,
         w = _load_weight_tile(
             packed_ref,
             absmax_ref,
+            table_ref,
             tuple(dq_refs),
             t * block_n,
             kb,
@@ -151,7 +164,7 @@ def _weight_args(qt: quant.QuantizedTensor):
     n, k = qt.shape
     dq_args = double_quant_args(qt)
     meta = (qt.quant_type, qt.block_size, k // qt.block_size, qt.nested_block_size)
-    return (qt.packed.reshape(n, k // 2), qt.absmax, *dq_args), meta
+    return (qt.packed.reshape(n, k // 2), qt.absmax, code_table(qt.quant_type), *dq_args), meta
 
 
 def _pad_rows(a: jax.Array, multiple: int) -> jax.Array:
@@ -240,6 +253,8 @@ def kernel_supports(x_dtype, qt: quant.QuantizedTensor) -> bool:
 def _forward(impl, x2d, qt, block_sizes, interpret):
     if impl == "xla":
         return qmatmul_reference(x2d, qt)
+    if impl == "pallas_decode":
+        return decode.decode_matmul(x2d, qt, interpret=interpret)
     if impl == "pallas_dequant":
         w = dequantize_kernel(qt, x2d.dtype, impl="pallas", interpret=interpret)
         return jnp.dot(x2d, w.T, preferred_element_type=jnp.float32).astype(x2d.dtype)
@@ -247,7 +262,7 @@ def _forward(impl, x2d, qt, block_sizes, interpret):
 
 
 def _backward(impl, dy2d, qt, block_sizes, interpret):
-    if impl == "xla":
+    if impl in ("xla", "pallas_decode"):  # decode has no backward to speed up: M <= 16 is not training
         return _reference_bwd(dy2d, qt)
     if impl == "pallas_dequant":
         w = dequantize_kernel(qt, dy2d.dtype, impl="pallas", interpret=interpret)
@@ -305,8 +320,9 @@ def qmatmul(
       x: activations ``[..., in]`` (bf16 or fp16 for the kernels; any float for "xla").
       qt: the frozen weight, a 2-D QuantizedTensor of shape ``[out, in]``.
       impl: ``"auto"`` (:func:`choose_impl`: what the measured per-device table names for this
-        M, else the XLA path), ``"pallas"`` (fused kernels), ``"pallas_dequant"`` (dequantize
-        kernel + XLA GEMM) or ``"xla"`` (:func:`qmatmul_reference`).
+        M, else the XLA path), ``"pallas"`` (tiled fused kernels), ``"pallas_decode"`` (the split-K
+        decode kernel of :mod:`qlora_jax.kernels.decode`, M <= 16; its backward is the XLA path),
+        ``"pallas_dequant"`` (dequantize kernel + XLA GEMM) or ``"xla"`` (:func:`qmatmul_reference`).
       interpret: run Pallas kernels in interpret mode; ``None`` = on non-GPU backends.
       block_sizes: tiling of the fused kernels; default :meth:`QMatmulBlockSizes.for_shape`.
 
@@ -327,7 +343,13 @@ def qmatmul(
     x2d = x.reshape(-1, k)
     if impl == "auto":
         impl = choose_impl(x2d.shape[0], x.dtype, qt)
-    elif impl != "xla" and not kernel_supports(x.dtype, qt):
+    elif impl == "pallas_decode" and not decode.kernel_supports(x2d.shape[0], x.dtype, qt):
+        raise ValueError(
+            f"impl='pallas_decode' takes 1..{decode.MAX_M} rows of x (all leading dimensions together) against a "
+            f"weight the kernels take; got x {x.shape} ({x2d.shape[0]} rows) and weight {qt.shape} (block_size "
+            f"{qt.block_size}). Use impl='auto', 'pallas' or 'xla'."
+        )
+    elif impl not in ("xla", "pallas_decode") and not kernel_supports(x.dtype, qt):
         raise ValueError(
             f"impl={impl!r} needs a 2-D weight with out_features % 16 == 0, in_features a multiple of a "
             f"block_size in {KERNEL_BLOCK_SIZES}, and x in {KERNEL_X_DTYPES}; got weight {qt.shape} "

@@ -1,5 +1,7 @@
 """Pallas dequantize kernel (interpret mode on CPU) against the pure-jnp reference: exactly equal."""
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -15,13 +17,19 @@ def _qt(rng, shape, quant_type, dq, block_size=64):
     return quant.quantize(w, quant_type, block_size, dq)
 
 
+# 256 blocks in tiles of 64, steps of 16: a grid of 4 programs, each looping over 4 steps
+SMALL = DequantizeBlockSizes(blocks_per_tile=64, blocks_per_step=16)
+
+
+@pytest.mark.parametrize("lookup", ["table", "select"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 @pytest.mark.parametrize("dq", [False, True])
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4"])
-def test_kernel_equals_reference(fresh_rng, quant_type, dq, dtype):
-    qt = _qt(fresh_rng, (64, 256), quant_type, dq)  # 256 blocks: a grid of 4 tiles
+def test_kernel_equals_reference(fresh_rng, quant_type, dq, dtype, lookup):
+    qt = _qt(fresh_rng, (64, 256), quant_type, dq)
     poison = jnp.full(qt.shape, jnp.nan, dtype)  # elements the kernel fails to write stay NaN
-    y = dequantize_pallas(qt, dtype, interpret=INTERPRET, out=poison)
+    bs = dataclasses.replace(SMALL, lookup=lookup)
+    y = dequantize_pallas(qt, dtype, block_sizes=bs, interpret=INTERPRET, out=poison)
     ref = kernels.dequantize_reference(qt, dtype)
     assert y.dtype == ref.dtype and y.shape == ref.shape
     np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(ref, np.float32))
@@ -52,6 +60,27 @@ def test_auto_uses_reference_off_gpu_and_for_unsupported_shapes(fresh_rng):
     )
     with pytest.raises(ValueError, match="multiple of block_size"):
         kernels.dequantize(odd, impl="pallas", interpret=True)
+
+
+def test_default_tiling_equals_reference(fresh_rng):
+    # 1024 blocks: the default 256-block tiles (4 programs) in 8 steps of 32
+    qt = _qt(fresh_rng, (256, 256), "nf4", True)
+    poison = jnp.full(qt.shape, jnp.nan, jnp.bfloat16)
+    y = dequantize_pallas(qt, "bfloat16", interpret=INTERPRET, out=poison)
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(quant.dequantize(qt, jnp.bfloat16), np.float32))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(blocks_per_step=24), r"blocks_per_step must be a positive power of two; got 24"),
+        (dict(num_stages=0), r"num_stages must be a positive int; got 0"),
+        (dict(lookup="gather"), r"lookup must be one of \('table', 'select'\); got 'gather'"),
+    ],
+)
+def test_bad_block_sizes(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DequantizeBlockSizes(**kwargs)
 
 
 def test_bad_arguments():

@@ -10,7 +10,8 @@ import pytest
 from jax import export
 
 from qlora_jax import quant
-from qlora_jax.kernels.dequantize import dequantize_pallas
+from qlora_jax.kernels.decode import DecodeBlockSizes, decode_partials
+from qlora_jax.kernels.dequantize import DequantizeBlockSizes, dequantize_pallas
 from qlora_jax.kernels.qmatmul import QMatmulBlockSizes, qmatmul_bwd_pallas, qmatmul_fwd_pallas
 
 _H100 = jax.sharding.AbstractMesh(
@@ -39,6 +40,26 @@ def _abstract_weight(shape, quant_type, dq, block_size=64):
 def test_dequantize_lowers(quant_type, dq, dtype):
     qt = _abstract_weight((4096, 4096), quant_type, dq)
     _export_for_cuda(lambda q: dequantize_pallas(q, dtype), qt)
+
+
+def test_dequantize_select_lookup_lowers():
+    qt = _abstract_weight((4096, 4096), "nf4", True)
+    _export_for_cuda(lambda q: dequantize_pallas(q, "bfloat16", block_sizes=DequantizeBlockSizes(lookup="select")), qt)
+
+
+@pytest.mark.parametrize("m", [1, 5, 16])
+@pytest.mark.parametrize("shape", [(4096, 4096), (11008, 4096), (4096, 11008)])
+def test_decode_kernel_lowers(m, shape):
+    qt = _abstract_weight(shape, "nf4", True)
+    x = jax.ShapeDtypeStruct((m, shape[1]), jnp.bfloat16)
+    _export_for_cuda(lambda x, q: decode_partials(x, q), x, qt)
+
+
+@pytest.mark.parametrize("quant_type,dq,dtype", [("fp4", False, jnp.float16), ("int4", True, jnp.float32)])
+def test_decode_kernel_other_types_lower(quant_type, dq, dtype):
+    qt = _abstract_weight((4096, 4096), quant_type, dq, block_size=128)
+    sizes = DecodeBlockSizes(block_n=128, blocks_per_step=2)
+    _export_for_cuda(lambda x, q: decode_partials(x, q, sizes), jax.ShapeDtypeStruct((3, 4096), dtype), qt)
 
 
 @pytest.mark.parametrize("m", [1, 16, 512, 4096])

@@ -129,10 +129,12 @@ def test_auto_dispatch(monkeypatch, fresh_rng):
     # a device kind without an entry in the committed table (none is verified yet): the XLA path
     assert choose_impl(1, jnp.bfloat16, qt) == "xla" and choose_impl(4096, jnp.bfloat16, qt) == "xla"
     kind = jax.devices()[0].device_kind
-    measured = {"devices": {kind: {"dequantize": "pallas", "qmatmul": [[16, "pallas"], [None, "pallas_dequant"]]},
+    measured = {"devices": {kind: {"dequantize": "pallas",
+                                   "qmatmul": [[1, "pallas_decode"], [16, "pallas"], [None, "pallas_dequant"]]},
                             "another card": {"qmatmul": [[None, "pallas"]]}}}  # fmt: skip
     with dispatch.override(measured):
-        assert choose_impl(1, jnp.bfloat16, qt) == "pallas"
+        assert choose_impl(1, jnp.bfloat16, qt) == "pallas_decode"
+        assert choose_impl(2, jnp.bfloat16, qt) == "pallas"
         assert choose_impl(16, jnp.bfloat16, qt) == "pallas"
         assert choose_impl(17, jnp.bfloat16, qt) == "pallas_dequant"
         assert choose_impl(4096, jnp.bfloat16, qt) == "pallas_dequant"
@@ -153,6 +155,8 @@ def test_auto_dispatch(monkeypatch, fresh_rng):
         ({"qmatmul": [[None, "xla"], [16, "pallas"]]}, r"max_m must ascend, with null \(no bound\) only last"),
         ({"qmatmul": [[64, "pallas"], [16, "xla"]]}, r"max_m must ascend"),
         ({"qmatmul": [[0, "pallas"]]}, r"max_m must be a positive int or null; got 0"),
+        ({"qmatmul": [[32, "pallas_decode"]]}, r"qmatmul\[0\]: pallas_decode takes M <= 16; got max_m 32"),
+        ({"qmatmul": [[None, "pallas_decode"]]}, r"pallas_decode takes M <= 16; got max_m None"),
         ({"dequantize": "triton"}, r"devices\['k'\].dequantize must be one of \('pallas', 'xla'\)"),
     ],
 )
