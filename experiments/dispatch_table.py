@@ -3,7 +3,8 @@ r"""Write this device kind's entry of ``qlora_jax/kernels/dispatch.json`` from a
     python -m experiments.dispatch_table --bench=$OUT/bench.json --tests_rc=0 --commit=$(git rev-parse --short HEAD) \
         --out=$OUT/dispatch.json        # tools/gpu_check.sh does this; copy the file back to commit it
 
-Only from a run whose compiled kernel tests passed (``--tests_rc=0``) and only from device times
+Only from a run whose compiled kernel tests passed and whose benchmark finished (``--tests_rc=0``:
+gpu_check.sh passes the first nonzero of the two) and only from device times
 (``bench_kernels`` on a GPU). Per M the fastest implementation by device time, summed over the
 benchmark's shapes: the forward alone for M <= 16 (decoding), forward + backward above (training);
 neighbouring Ms with the same winner share a bucket, the last one unbounded (``pallas_decode``, for
@@ -27,7 +28,7 @@ DECODE_MAX_M = dispatch.DECODE_MAX_M  # at most this many rows: only the forward
 # not required=True: that would be checked by every absl parse in a process that imports this module
 # (the test suite's workers import them all)
 _BENCH = flags.DEFINE_string("bench", None, "bench_kernels --json output (a GPU run); required.")
-_TESTS_RC = flags.DEFINE_integer("tests_rc", None, "Exit status of the compiled kernel tests; required.")
+_TESTS_RC = flags.DEFINE_integer("tests_rc", None, "Exit status of the kernel tests (or the benchmark's); required.")
 _COMMIT = flags.DEFINE_string("commit", "", "Commit the run measured.")
 _OUT = flags.DEFINE_string("out", str(dispatch.TABLE_FILE), "The table to update (read, then written).")
 
@@ -73,7 +74,8 @@ def main(argv):
     if _BENCH.value is None or _TESTS_RC.value is None:
         raise app.UsageError("--bench and --tests_rc are required")
     if _TESTS_RC.value != 0:
-        raise SystemExit(f"dispatch_table: the compiled kernel tests failed (rc={_TESTS_RC.value}); table left as is")
+        rc = _TESTS_RC.value
+        raise SystemExit(f"dispatch_table: the kernel tests or the benchmark failed (rc={rc}); table left as is")
     bench = json.loads(pathlib.Path(_BENCH.value).read_text())
     date = datetime.date.today().isoformat()
     entry = entry_from_rows(bench["rows"], commit=_COMMIT.value, date=date)
