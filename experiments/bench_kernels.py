@@ -15,7 +15,8 @@ Weights are ``[N, K]`` (bitsandbytes' ``[out, in]``), NF4 + double quantization,
 Ops, each against a baseline of the same shape measured in the same run:
 
 * dequantize NF4+DQ -> bf16 against a device copy of the bf16 ``[N, K]`` (read + write): the
-  ratio is the fraction of copy bandwidth reached;
+  ratio is the fraction of copy bandwidth reached; the Triton kernel, on Hopper and newer also the
+  Mosaic GPU prototype (``mosaic_gpu``), and the XLA path;
   the first shape also times the kernel's old select-tree lookup (``pallas select``) beside the
   table lookup it replaced;
 * qmatmul forward, and backward (dx from dy, the forward not recomputed) separately, for each
@@ -120,6 +121,8 @@ def main(argv):
     layers = _LAYERS.value or (2 if on_gpu else 1)
     impls = ["pallas", "pallas_dequant", "xla"] if on_gpu else ["xla"]
     dev = jax.devices()[0]
+    # the Mosaic GPU prototype needs Hopper or newer (TMA, warpgroups)
+    hopper = on_gpu and float(getattr(dev, "compute_capability", "0") or 0) >= 9.0
     measures = (
         "device time (CUPTI, L2 flushed) and wall-time slope"
         if on_gpu
@@ -148,8 +151,12 @@ def main(argv):
         base = dict(k=k, n=n, m=None)
         record(dict(op="copy", impl="bf16", **base, **_measure(jnp.copy, [(w,) for w in w16], repeats, layers)))
         variants = [("pallas", "table"), ("pallas", "select"), ("xla", None)] if on_gpu else [("xla", None)]
+        if hopper:
+            variants.insert(2, ("mosaic_gpu", None))
         for impl, lookup in variants:
             if lookup == "select" and spec != _SHAPES.value[0]:
+                continue
+            if impl == "mosaic_gpu" and not kernels.mosaic_gpu.kernel_supports(qts[0]):
                 continue
             sizes = kernels.DequantizeBlockSizes(lookup=lookup or "table")
             op = lambda qt, impl=impl, sizes=sizes: kernels.dequantize(qt, jnp.bfloat16, impl=impl, block_sizes=sizes)  # noqa: E731

@@ -8,8 +8,8 @@ gpu_check.sh passes the first nonzero of the two) and only from device times
 (``bench_kernels`` on a GPU). Per M the fastest implementation by device time, summed over the
 benchmark's shapes: the forward alone for M <= 16 (decoding), forward + backward above (training);
 neighbouring Ms with the same winner share a bucket, the last one unbounded (``pallas_decode``, for
-M <= 16 only, is followed by the best of the others at the largest M measured). Dequantize: the faster
-of the kernel and the XLA path.
+M <= 16 only, is followed by the best of the others at the largest M measured). Dequantize: the fastest
+of the Triton kernel, the Mosaic GPU kernel and the XLA path, among those measured on every shape.
 """
 
 from __future__ import annotations
@@ -38,10 +38,13 @@ def entry_from_rows(rows: list[dict], *, commit: str, date: str) -> dict:
     timed = [r for r in rows if r.get("device_us") is not None]
     if not timed:
         raise ValueError("the benchmark has no device times (a CPU run?): nothing to choose from")
-    deq = defaultdict(float)
+    deq, deq_shapes = defaultdict(float), defaultdict(set)
     for r in timed:
-        if r["op"] == "dequantize":
+        if r["op"] == "dequantize" and r["impl"] in dispatch.DEQUANTIZE_IMPLS:  # not "pallas select", say
             deq[r["impl"]] += r["device_us"]
+            deq_shapes[r["impl"]].add((r["k"], r["n"]))
+    every_shape = set().union(*deq_shapes.values()) if deq_shapes else set()
+    deq = {impl: t for impl, t in deq.items() if deq_shapes[impl] == every_shape}  # sums over the same shapes
     per_m: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for r in timed:
         if r["op"] in ("forward", "backward") and r["impl"] in dispatch.QMATMUL_IMPLS:

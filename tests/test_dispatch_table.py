@@ -30,6 +30,17 @@ def test_fastest_per_m_forward_when_decoding_forward_and_backward_when_training(
     assert entry["measured"]["commit"] == "abc1234"
 
 
+def test_dequantize_choice_compares_the_same_shapes_and_only_impls():
+    rows = [_row("dequantize", "pallas", None, 10.0), _row("dequantize", "pallas", None, 30.0, k=11008),
+            _row("dequantize", "pallas select", None, 5.0), _row("dequantize", "xla", None, 12.0),
+            _row("dequantize", "xla", None, 35.0, k=11008),
+            _row("dequantize", "mosaic_gpu", None, 1.0)]  # fmt: skip
+    # "pallas select" is a benchmark variant, not an impl; mosaic_gpu timed one shape of two: not comparable
+    assert entry_from_rows(rows, commit="", date="")["dequantize"] == "pallas"
+    rows.append(_row("dequantize", "mosaic_gpu", None, 20.0, k=11008))
+    assert entry_from_rows(rows, commit="", date="")["dequantize"] == "mosaic_gpu"  # 21 us against 40 and 47
+
+
 def test_times_are_summed_over_shapes():
     rows = [_row("forward", "pallas", 1, 5.0, k=4096), _row("forward", "xla", 1, 6.0, k=4096),
             _row("forward", "pallas", 1, 20.0, k=11008), _row("forward", "xla", 1, 10.0, k=11008)]  # fmt: skip

@@ -42,10 +42,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from qlora_jax import quant
-from qlora_jax.kernels import dispatch
+from qlora_jax.kernels import dispatch, mosaic_gpu
 from qlora_jax.quant import codebooks
 
-IMPLS = ("auto", "pallas", "xla")
+IMPLS = ("auto", "pallas", "mosaic_gpu", "xla")
 LOOKUPS = ("table", "select")
 _OUT_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -270,8 +270,10 @@ def dequantize(
       dtype: float32, bfloat16 or float16.
       impl: ``"auto"`` (what :mod:`qlora_jax.kernels.dispatch` names for this device kind, for shapes
         the kernel takes; else the reference),
-        ``"pallas"`` (the kernel; raises for shapes it does not take) or ``"xla"`` (reference).
-      interpret: run the kernel in Pallas interpret mode (CPU); ``None`` = on non-GPU backends.
+        ``"pallas"`` (the Triton kernel; raises for shapes it does not take), ``"mosaic_gpu"`` (the
+        Hopper+ prototype of :mod:`qlora_jax.kernels.mosaic_gpu`; ``block_sizes`` does not apply)
+        or ``"xla"`` (reference).
+      interpret: run the kernel in interpret mode (CPU); ``None`` = on non-GPU backends.
       block_sizes: kernel tiling.
     """
     if impl not in IMPLS:
@@ -280,9 +282,15 @@ def dequantize(
     if name not in _OUT_DTYPES:
         raise ValueError(f"dtype must be one of {tuple(_OUT_DTYPES)}; got {dtype!r}")
     if impl == "auto":  # the measured per-device table (kernels/dispatch.json); XLA where it has no entry
-        impl = dispatch.dequantize_impl() if kernel_supports(qt) else "xla"
+        impl = dispatch.dequantize_impl()
+        if impl == "mosaic_gpu" and not mosaic_gpu.kernel_supports(qt, name):
+            impl = "pallas"
+        if impl == "pallas" and not kernel_supports(qt):
+            impl = "xla"
     if impl == "xla":
         return dequantize_reference(qt, name)
+    if impl == "mosaic_gpu":  # raises, naming the rule, for a shape it does not take
+        return mosaic_gpu.dequantize_mosaic(qt, name, interpret=resolve_interpret(interpret))
     if not kernel_supports(qt):
         raise ValueError(
             f"the Pallas dequantize kernel needs a size that is a multiple of block_size and at least 16 "

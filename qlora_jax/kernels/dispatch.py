@@ -5,7 +5,7 @@
 (``experiments/dispatch_table.py`` writes the entry)::
 
     {"devices": {"NVIDIA H200": {
-        "dequantize": "pallas",                         # or "xla"
+        "dequantize": "pallas",                         # or "mosaic_gpu", "xla"
         "qmatmul": [[16, "pallas_decode"], [null, "pallas_dequant"]],   # (max M, impl), M ascending
         "measured": {"date": "...", "commit": "...", "source": "bench_kernels device time"}}}}
 
@@ -25,7 +25,7 @@ import jax
 TABLE_FILE = pathlib.Path(__file__).with_name("dispatch.json")
 QMATMUL_IMPLS = ("pallas", "pallas_decode", "pallas_dequant", "xla")
 DECODE_MAX_M = 16  # qlora_jax.kernels.decode.MAX_M (not imported: the kernels import this module)
-DEQUANTIZE_IMPLS = ("pallas", "xla")
+DEQUANTIZE_IMPLS = ("pallas", "mosaic_gpu", "xla")
 _override: list[dict] = []
 
 
@@ -80,7 +80,7 @@ def _entry() -> dict | None:
 
 
 def dequantize_impl() -> str:
-    """``"pallas"`` or ``"xla"``: the dequantize ``impl="auto"`` runs on this device."""
+    """One of DEQUANTIZE_IMPLS: the dequantize ``impl="auto"`` runs on this device."""
     entry = _entry()
     return entry.get("dequantize", "xla") if entry else "xla"
 

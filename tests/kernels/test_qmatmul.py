@@ -157,7 +157,7 @@ def test_auto_dispatch(monkeypatch, fresh_rng):
         ({"qmatmul": [[0, "pallas"]]}, r"max_m must be a positive int or null; got 0"),
         ({"qmatmul": [[32, "pallas_decode"]]}, r"qmatmul\[0\]: pallas_decode takes M <= 16; got max_m 32"),
         ({"qmatmul": [[None, "pallas_decode"]]}, r"pallas_decode takes M <= 16; got max_m None"),
-        ({"dequantize": "triton"}, r"devices\['k'\].dequantize must be one of \('pallas', 'xla'\)"),
+        ({"dequantize": "triton"}, r"devices\['k'\].dequantize must be one of \('pallas', 'mosaic_gpu', 'xla'\)"),
     ],
 )
 def test_dispatch_table_entries_are_checked(entry, message):
