@@ -4,12 +4,14 @@
 #      and the memory planner against the compiled step on the GPU;
 #   2. experiments/bench_kernels.py: device time per kernel (CUPTI events, L2 flushed) and the
 #      dispatch-free wall-time slope, forward and backward apart, each as a ratio to copy / bf16 dot
-#      (streamed as measured: a timeout still leaves the rows done so far in bench.log);
-#      then experiments/dispatch_table.py: this card's entry of qlora_jax/kernels/dispatch.json;
-#   3. experiments/bench_optim.py (paged / 8-bit AdamW step time, host<->device GB/s);
-#   4. experiments/bench_train.py (QLoRA step vs bf16-LoRA step, hidden 4096, 2 layers).
-# Prints a short summary table last; full logs go to $OUT (or /tmp/gpu_check). Budget: at most 7.9 min
-# (timeouts 140 + 170 + 100 + 60 s) plus the machine's start.
+#      (streamed as measured: a timeout still leaves the rows done so far in bench.log and bench.json);
+#      then experiments/dispatch_table.py: this card's entry of qlora_jax/kernels/dispatch.json
+#      (only from a complete benchmark: a partial one would sum the Ms over different shapes);
+#   3. experiments/bench_generate.py (decode tokens/s, NF4+DQ vs bf16, LLaMA-3-8B-shaped layers, batch 1 and 8);
+#   4. experiments/bench_train.py --shape=7b (QLoRA step vs bf16-LoRA step at LLaMA-7B layer shapes);
+#   5. experiments/bench_optim.py (paged / 8-bit AdamW step time, host<->device GB/s).
+# Prints a short summary table last; full logs go to $OUT (or /tmp/gpu_check). Budget: at most 7.8 min
+# (timeouts 130 + 180 + 60 + 60 + 40 s) plus the machine's start.
 # Usage (device tool): bash tools/gpu_check.sh
 # Dry run on a CPU (interpret mode, XLA path only): QLORA_JAX_INTERPRET=1 PY=.venv/bin/python bash tools/gpu_check.sh
 set -uo pipefail
@@ -26,21 +28,23 @@ PY=${PY:-python3}
 } | tee "$OUT/env.txt"
 
 # -p no:cacheprovider: the tree may be read-only; -o addopts=: no xdist there (one GPU anyway).
-timeout 140 $PY -m pytest tests/kernels tests/optim tests/test_memory.py tests/test_timing.py -q -p no:cacheprovider -o addopts="--strict-markers --import-mode=importlib" \
+timeout 130 $PY -m pytest tests/kernels tests/optim tests/test_memory.py tests/test_timing.py -q -p no:cacheprovider -o addopts="--strict-markers --import-mode=importlib" \
   >"$OUT/tests.log" 2>&1
 tests_rc=$?
-timeout 170 $PY -m experiments.bench_kernels --json="$OUT/bench.json" >"$OUT/bench.log" 2>&1
+timeout 180 $PY -m experiments.bench_kernels --json="$OUT/bench.json" >"$OUT/bench.log" 2>&1
 bench_rc=$?
-# this card's entry of the dispatch table, from the device times above (only if the tests passed);
-# copy $OUT/dispatch.json over qlora_jax/kernels/dispatch.json to commit it
-$PY -m experiments.dispatch_table --bench="$OUT/bench.json" --tests_rc=$tests_rc \
+# this card's entry of the dispatch table, from the device times above (only if the tests passed and the
+# benchmark finished); copy $OUT/dispatch.json over qlora_jax/kernels/dispatch.json to commit it
+$PY -m experiments.dispatch_table --bench="$OUT/bench.json" --tests_rc=$(( tests_rc != 0 ? tests_rc : bench_rc )) \
   --commit="${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}" --out="$OUT/dispatch.json" \
   >"$OUT/dispatch.log" 2>&1
 table_rc=$?
-timeout 100 $PY -m experiments.bench_optim >"$OUT/bench_optim.log" 2>&1
-optim_rc=$?
-timeout 60 $PY -m experiments.bench_train --hidden=4096 --layers=2 --seq=512 >"$OUT/bench_train.log" 2>&1
+timeout 60 $PY -m experiments.bench_generate --repeats=5 --json="$OUT/bench_generate.json" >"$OUT/bench_generate.log" 2>&1
+generate_rc=$?
+timeout 60 $PY -m experiments.bench_train --shape=7b --seq=512 >"$OUT/bench_train.log" 2>&1
 train_rc=$?
+timeout 40 $PY -m experiments.bench_optim >"$OUT/bench_optim.log" 2>&1
+optim_rc=$?
 
 echo
 echo "== kernel tests (rc=$tests_rc) =="
@@ -52,9 +56,12 @@ echo
 echo "== dispatch table (rc=$table_rc) =="
 grep -v -e "^I[0-9]" -e "^W[0-9]" "$OUT/dispatch.log" | tail -n 4
 echo
+echo "== bench_generate (rc=$generate_rc) =="
+grep -v -e "^I[0-9]" -e "^W[0-9]" "$OUT/bench_generate.log" | tail -n 12
+echo
+echo "== bench_train --shape=7b (rc=$train_rc) =="
+grep -v -e "^I[0-9]" -e "^W[0-9]" "$OUT/bench_train.log" | tail -n 6
+echo
 echo "== bench_optim (rc=$optim_rc) =="
 grep -v -e "^I[0-9]" -e "^W[0-9]" "$OUT/bench_optim.log" | tail -n 12
-echo
-echo "== bench_train (rc=$train_rc) =="
-grep -v -e "^I[0-9]" -e "^W[0-9]" "$OUT/bench_train.log" | tail -n 6
-exit $(( tests_rc != 0 || bench_rc != 0 || optim_rc != 0 || train_rc != 0 ))
+exit $(( tests_rc != 0 || bench_rc != 0 || generate_rc != 0 || optim_rc != 0 || train_rc != 0 ))
