@@ -154,6 +154,10 @@ def measure(cfg: LlamaConfig, batches, prompt_len: int, new_tokens: int, repeats
     """Per-token decode time of both variants at each batch size, interleaved; a JSON-able dict."""
     if new_tokens < 3:
         raise ValueError(f"new_tokens must be >= 3 (a short and a longer decode); got {new_tokens}")
+    if not batches or any(b < 1 for b in batches):
+        raise ValueError(f"--batch must list positive batch sizes; got {list(batches)}")
+    if prompt_len < 1 or repeats < 1:
+        raise ValueError(f"--prompt_len and --repeats must be >= 1; got {prompt_len} and {repeats}")
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1; got {repeats}")
     long_steps = new_tokens - 1  # the prefill gives the first token, as in generate()

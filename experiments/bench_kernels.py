@@ -44,6 +44,7 @@ from absl import app, flags
 
 from experiments import timing
 from qlora_jax import kernels, quant
+from qlora_jax.kernels import mosaic_gpu
 
 _MS = flags.DEFINE_list("m", None, "Rows of x (default: 1,16,512,4096 on GPU; 512 on CPU).")
 _SHAPES = flags.DEFINE_list("kn", ["4096x4096", "4096x11008", "11008x4096"], "K x N pairs (in x out).")
@@ -156,7 +157,7 @@ def main(argv):
         for impl, lookup in variants:
             if lookup == "select" and spec != _SHAPES.value[0]:
                 continue
-            if impl == "mosaic_gpu" and not kernels.mosaic_gpu.kernel_supports(qts[0]):
+            if impl == "mosaic_gpu" and not mosaic_gpu.kernel_supports(qts[0]):
                 continue
             sizes = kernels.DequantizeBlockSizes(lookup=lookup or "table")
             op = lambda qt, impl=impl, sizes=sizes: kernels.dequantize(qt, jnp.bfloat16, impl=impl, block_sizes=sizes)  # noqa: E731

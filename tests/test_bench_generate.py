@@ -108,3 +108,10 @@ def test_bench_train_7b_preset_is_llama_7b_layers():
     assert [deeper[k] for k in dims] == [4096, 11008, 32, 32, 3]
     assert [default[k] for k in dims] == [512, 1344, 4, 4, 4]  # the flags' old defaults, unchanged
     assert preset["vocab_size"] == default["vocab_size"] == 259
+
+
+def test_bad_sizes_are_named():
+    with pytest.raises(ValueError, match=r"--batch must list positive batch sizes; got \[0\]"):
+        bg.measure(TINY, [0], prompt_len=5, new_tokens=NEW, repeats=1)
+    with pytest.raises(ValueError, match=r"--prompt_len and --repeats must be >= 1; got 0 and 1"):
+        bg.measure(TINY, [1], prompt_len=0, new_tokens=NEW, repeats=1)

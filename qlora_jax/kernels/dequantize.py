@@ -42,7 +42,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from qlora_jax import quant
-from qlora_jax.kernels import dispatch, mosaic_gpu
+from qlora_jax.kernels import dispatch
 from qlora_jax.quant import codebooks
 
 IMPLS = ("auto", "pallas", "mosaic_gpu", "xla")
@@ -283,20 +283,27 @@ def dequantize(
         raise ValueError(f"dtype must be one of {tuple(_OUT_DTYPES)}; got {dtype!r}")
     if impl == "auto":  # the measured per-device table (kernels/dispatch.json); XLA where it has no entry
         impl = dispatch.dequantize_impl()
-        if impl == "mosaic_gpu" and not mosaic_gpu.kernel_supports(qt, name):
+        if impl == "mosaic_gpu" and not _mosaic_gpu().kernel_supports(qt, name):
             impl = "pallas"
         if impl == "pallas" and not kernel_supports(qt):
             impl = "xla"
     if impl == "xla":
         return dequantize_reference(qt, name)
     if impl == "mosaic_gpu":  # raises, naming the rule, for a shape it does not take
-        return mosaic_gpu.dequantize_mosaic(qt, name, interpret=resolve_interpret(interpret))
+        return _mosaic_gpu().dequantize_mosaic(qt, name, interpret=resolve_interpret(interpret))
     if not kernel_supports(qt):
         raise ValueError(
             f"the Pallas dequantize kernel needs a size that is a multiple of block_size and at least 16 "
             f"blocks; got shape {qt.shape} with block_size {qt.block_size}. Use impl='auto' or 'xla'."
         )
     return _dequantize_pallas_jit(qt, name, block_sizes, resolve_interpret(interpret))
+
+
+def _mosaic_gpu():
+    """The Mosaic GPU prototype, imported when first used: importing Mosaic GPU costs ~0.25 s."""
+    from qlora_jax.kernels import mosaic_gpu
+
+    return mosaic_gpu
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
