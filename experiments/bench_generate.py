@@ -158,8 +158,6 @@ def measure(cfg: LlamaConfig, batches, prompt_len: int, new_tokens: int, repeats
         raise ValueError(f"--batch must list positive batch sizes; got {list(batches)}")
     if prompt_len < 1 or repeats < 1:
         raise ValueError(f"--prompt_len and --repeats must be >= 1; got {prompt_len} and {repeats}")
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1; got {repeats}")
     long_steps = new_tokens - 1  # the prefill gives the first token, as in generate()
     short_steps = max(1, long_steps // 4)
     built = {"nf4": build(cfg, QuantConfig(), lora_rank, impl, seed), "bf16": build(cfg, None, lora_rank, impl, seed)}
