@@ -136,14 +136,14 @@ class Decoder:
 
 
 def frozen_mib(variables: dict) -> float:
-    return sum(x.nbytes for x in jax.tree.leaves(variables.get("frozen", {}))) / 2**20
+    return sum(x.nbytes for x in jax.tree.leaves(variables.get("base", {}))) / 2**20
 
 
 def qmatmul_path(variables: dict, impl: str, m: int) -> str:
     """What the NF4 linears run at ``m`` rows of activations (``auto`` resolved for this device)."""
     if impl != "auto":
         return impl
-    leaves = jax.tree.leaves(variables["frozen"], is_leaf=lambda x: isinstance(x, QuantizedTensor))
+    leaves = jax.tree.leaves(variables["base"], is_leaf=lambda x: isinstance(x, QuantizedTensor))
     # every linear has the same dispatch rule; a scanned weight's static shape is the per-layer [out, in]
     qt = next(x for x in leaves if isinstance(x, QuantizedTensor))
     return choose_impl(m, jnp.bfloat16, qt)

@@ -126,7 +126,7 @@ def main(argv):
     jax.block_until_ready(variables)
     wall = time.perf_counter() - t
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    leaves = jax.tree.leaves(variables["frozen"])
+    leaves = jax.tree.leaves(variables["base"])
     model_mb = sum(np.dtype(x.dtype).itemsize * x.size for x in leaves) / 2**20
     d, f, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     largest_mb = 2 * max(v * d, d * f) / 2**20  # bf16 on disk

@@ -41,8 +41,8 @@ def test_a_wrong_position_would_show():
     """At the init scale (0.02) attention is near uniform and the tokens barely depend on positions or the cache;
     with the layer kernels x6 they do: the timed decode still equals generate(), one position off does not."""
     model, variables = bg.build(TINY, None, 4, "auto")
-    frozen = jax.tree.map(lambda a: a * 6 if a.ndim >= 3 else a, variables["frozen"])  # [L, out, in] kernels
-    variables = {**variables, "frozen": frozen}
+    frozen = jax.tree.map(lambda a: a * 6 if a.ndim >= 3 else a, variables["base"])  # [L, out, in] kernels
+    variables = {**variables, "base": frozen}
     prompt = jnp.asarray(np.random.default_rng(0).integers(0, 256, (3, 5)), jnp.int32)
     expected = np.asarray(generate(model, variables, prompt, max_new_tokens=NEW, bucket=False))[:, 5:]
     dec = bg.Decoder(model, variables, prompt, NEW)

@@ -35,7 +35,7 @@ _BNB_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 
 
 def hf_tensor_name(path: tuple[str, ...]) -> str:
-    """Our ``"frozen"`` path -> the transformers tensor name."""
+    """Our ``"base"`` path -> the transformers tensor name."""
     *modules, leaf = path
     leaf = "weight" if leaf in ("kernel", "weight", "embedding") else leaf
     return f"{hf_module_name(tuple(modules))}.{leaf}"
@@ -142,7 +142,7 @@ def load_pretrained(
     check_finite: bool = True,
     report_quant_error: bool = True,
 ) -> tuple[LlamaForCausalLM, dict]:
-    """Load a LLaMA/Mistral/Qwen2 checkpoint directory as ``(model, {"params", "frozen"})``.
+    """Load a LLaMA/Mistral/Qwen2 checkpoint directory as ``(model, {"params", "base"})``.
 
     Args:
       path: directory with config.json and model.safetensors (or shards + index), or a
@@ -192,7 +192,7 @@ def load_pretrained(
     abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
     # tensors are named per layer in every format: read them against the unrolled layout
     unrolled = model.clone(scan_layers=False) if scan_layers else model
-    abstract_frozen = jax.eval_shape(unrolled.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["frozen"]
+    abstract_frozen = jax.eval_shape(unrolled.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["base"]
 
     errors: dict[str, dict] | None = {} if report_quant_error else None
     frozen = _load_frozen(
@@ -201,7 +201,7 @@ def load_pretrained(
     )  # fmt: skip
     if errors:
         report_quantization_outliers(errors)
-    variables = {"frozen": frozen}
+    variables = {"base": frozen}
     if "params" in abstract:
         variables["params"] = _init_adapters(abstract["params"], lora, seed)
     return model, variables

@@ -7,7 +7,7 @@ padding (+ Mistral sliding-window) masks, and a KV cache for generation.
 
 Variables:
 
-* ``"frozen"`` — everything from the checkpoint, named as transformers names it:
+* ``"base"`` — everything from the checkpoint, named as transformers names it:
   ``embed_tokens.embedding [V, D]``, ``layers_{i}.self_attn.{q,k,v,o}_proj.kernel [out, in]``
   (a QuantizedTensor when quantized; ``bias`` for Qwen2), ``layers_{i}.mlp.{gate,up,down}_proj``,
   ``layers_{i}.{input,post_attention}_layernorm.weight``, ``norm.weight``,
@@ -215,7 +215,7 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        weight = self.variable("frozen", "weight", lambda: jnp.ones((x.shape[-1],), self.dtype)).value
+        weight = self.variable("base", "weight", lambda: jnp.ones((x.shape[-1],), self.dtype)).value
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return weight.astype(self.dtype) * normed.astype(self.dtype)
@@ -398,7 +398,7 @@ class LlamaForCausalLM(nn.Module):
             # one compiled block for all layers: every variable gets a leading [L] axis
             scanned = nn.scan(
                 block,
-                variable_axes={"frozen": 0, "params": 0, "cache": 0},
+                variable_axes={"base": 0, "params": 0, "cache": 0},
                 split_rngs={"params": True, "dropout": True},
                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
                 length=cfg.num_hidden_layers,
@@ -426,7 +426,7 @@ class _Embed(nn.Module):
 
     def setup(self):
         self.embedding = self.variable(
-            "frozen",
+            "base",
             "embedding",
             lambda: (jax.random.normal(self.make_rng("params"), (self.vocab_size, self.features)) * 0.02).astype(
                 self.dtype
@@ -448,7 +448,7 @@ class _LMHead(nn.Module):
     @nn.compact
     def __call__(self) -> Array:
         return self.variable(
-            "frozen",
+            "base",
             "kernel",
             lambda: (jax.random.normal(self.make_rng("params"), (self.vocab_size, self.features)) * 0.02).astype(
                 self.dtype

@@ -4,11 +4,11 @@
 
 as PEFT defines LoRA (``peft/tuners/lora/layer.py``). ``W`` is stored in torch's ``[out, in]``
 layout — a :class:`~qlora_jax.quant.QuantizedTensor` (NF4/FP4/int4, ± double quant) or, for the
-16-bit LoRA baseline, a plain array — in the non-trainable ``"frozen"`` collection with the
+16-bit LoRA baseline, a plain array — in the non-trainable ``"base"`` collection with the
 optional bias. Only ``lora_a [r, in]`` and ``lora_b [out, r]`` live in ``"params"``, so
 ``jax.grad`` over ``variables["params"]`` reaches the adapters and nothing else:
 
-    variables = model.init(rng, x)                    # {"params": ..., "frozen": ...}
+    variables = model.init(rng, x)                    # {"params": ..., "base": ...}
     params, frozen = split_params(variables)
     y = model.apply(merge_params(params, frozen), x)
 """
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -125,13 +125,13 @@ def init_lora_b(shape: tuple[int, ...], dtype) -> Array:
 
 
 class LoRADense(nn.Module):
-    """Frozen linear layer (``"frozen"``: ``kernel`` [out, in], optional ``bias``) + LoRA adapter.
+    """Frozen linear layer (``"base"``: ``kernel`` [out, in], optional ``bias``) + LoRA adapter.
 
     Attributes:
       features: out_features.
       lora: adapter settings; ``None`` or rank 0 = a plain (quantized) linear layer.
       quant: storage of the frozen kernel when this module initializes it; ``None`` = plain
-        array in ``dtype``. A loaded checkpoint decides by what it puts in ``"frozen"``.
+        array in ``dtype``. A loaded checkpoint decides by what it puts in ``"base"``.
       use_bias: a frozen bias (Qwen2's q/k/v projections).
       dtype: compute dtype (bf16): activations, the dequantized weight, the adapter matmuls.
       impl: the :func:`qlora_jax.kernels.qmatmul` implementation.
@@ -154,7 +154,7 @@ class LoRADense(nn.Module):
             storage = self.quant.for_module(module) if self.quant is not None else None
             return storage.quantize(w, module or "kernel") if storage is not None else w.astype(self.dtype)
 
-        kernel = self.variable("frozen", "kernel", init_kernel).value
+        kernel = self.variable("base", "kernel", init_kernel).value
         # FSDP: the base is stored split over devices; gather this layer's 4-bit bytes (not a
         # dequantized copy) just before use
         kernel = parallel.gather(kernel)
@@ -171,7 +171,7 @@ class LoRADense(nn.Module):
                 self.dtype
             )
         if self.use_bias:
-            bias = self.variable("frozen", "bias", lambda: jnp.zeros((self.features,), self.dtype)).value
+            bias = self.variable("base", "bias", lambda: jnp.zeros((self.features,), self.dtype)).value
             y = y + bias.astype(self.dtype)
         if self.lora is not None and self.lora.rank > 0:
             r, cfg = self.lora.rank, self.lora
@@ -205,24 +205,45 @@ def _matmul_t(x: Array, w: Array) -> Array:
 # --- trainable / frozen bookkeeping --------------------------------------------------------------
 
 
-def split_params(variables: dict) -> tuple[dict, dict]:
-    """``{"params": p, "frozen": f, ...}`` -> ``(p, rest)``: the trainable tree and everything else.
+class Variables(NamedTuple):
+    """A model's variables split by role (:func:`split_params`).
+
+    ``params`` is the ``"params"`` collection: what trains under LoRA (the adapters). ``base`` is
+    the ``"base"`` collection's tree: the checkpoint's weights (the 4-bit linears, embeddings,
+    norms), frozen under LoRA and trained under ``train.trainable='full'``.
+    """
+
+    params: dict
+    base: dict
+
+
+def split_params(variables: dict) -> Variables:
+    """``{"params": p, "base": b}`` -> ``Variables(params=p, base=b)``.
 
     Example::
 
-        params, frozen = split_params(model.init(rng, x))
-        grads = jax.grad(lambda p: loss(model.apply(merge_params(p, frozen), x)))(params)
+        params, base = split_params(model.init(rng, x))
+        grads = jax.grad(lambda p: loss(model.apply(merge_params(p, base), x)))(params)
 
     ``params`` holds only ``lora_a``/``lora_b`` leaves (:func:`check_trainable` verifies it).
+    A variables dict holding other collections (a ``"cache"``) is refused: split a model's
+    variables, not a decoding state.
     """
-    variables = dict(variables)
-    params = variables.pop("params", {})
-    return params, variables
+    other = sorted(set(variables) - {"params", "base"})
+    if other:
+        raise ValueError(f"split_params: variables hold collections {other} besides 'params' and 'base'")
+    return Variables(variables.get("params", {}), variables.get("base", {}))
 
 
-def merge_params(params: dict, frozen: dict) -> dict:
-    """Inverse of :func:`split_params`: the variables dict for ``model.apply``."""
-    return {"params": params, **frozen}
+def merge_params(params: dict, base: dict, trains: str = "params") -> dict:
+    """Inverse of :func:`split_params`: the variables dict for ``model.apply``.
+
+    ``trains="base"`` (full-parameter training) means ``params`` *is* the base tree: the
+    variables are then ``{"base": params}`` and ``base`` is ignored.
+    """
+    if trains == "base":
+        return {"base": params}
+    return {"params": params, "base": base}
 
 
 def check_trainable(params: dict) -> None:

@@ -1,7 +1,7 @@
 """The jitted training and evaluation steps.
 
-``train_step(state, frozen, batch, rng)`` differentiates the loss with respect to the LoRA tree
-(``state.params``) only; the frozen base is an argument that is never donated nor updated. The
+``train_step(state, base, batch, rng)`` differentiates the loss with respect to ``state.params``
+(the LoRA tree) only; the base is an argument that is never donated nor updated. The
 batch carries a leading micro-batch axis for gradient accumulation: ``[accum, B, T]``; gradients
 are summed over micro-batches weighted by their target tokens, so accumulation equals one large
 batch. The step returns its measurements (big_vision style): loss, grad norm, update norm,
@@ -15,6 +15,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+
+from qlora_jax.nn.lora import merge_params
 
 Array = jax.Array
 
@@ -34,17 +36,16 @@ def target_mask(batch, xp=jnp):
     return mask
 
 
-def token_loss(
-    model, params, frozen, batch, rng, deterministic: bool, collection: str = "params"
-) -> tuple[Array, Array]:
+def token_loss(model, params, base, batch, rng, deterministic: bool, collection: str = "params") -> tuple[Array, Array]:
     """(sum of next-token cross-entropy over loss-masked targets, number of those targets).
 
     ``params`` is the trainable variable collection named ``collection``: ``"params"`` (the LoRA
-    adapters) or, for full-parameter training of an unquantized model, ``"frozen"`` (the base).
+    adapters, with ``base`` the frozen base tree) or, for full-parameter training of an unquantized
+    model, ``"base"`` (``params`` is then the base itself and ``base`` is unused).
     """
     segments = batch.get("segment_ids")  # packed rows (data.packing); absent otherwise
     logits = model.apply(
-        {collection: params, **frozen},
+        merge_params(params, base, collection),
         batch["input_ids"],
         batch["attention_mask"],
         batch.get("positions"),
@@ -60,15 +61,15 @@ def token_loss(
 
 
 def make_train_step(model, tx: optax.GradientTransformation, schedule=None, collection: str = "params"):
-    """A ``train_step(state, frozen, batch, rng) -> (state, metrics)`` to jit with
+    """A ``train_step(state, base, batch, rng) -> (state, metrics)`` to jit with
     ``donate_argnums=0`` (the state, never the frozen base). ``collection``: see :func:`token_loss`."""
 
-    def train_step(state: TrainState, frozen, batch, rng):
+    def train_step(state: TrainState, base, batch, rng):
         def micro(carry, mb):
             grads_sum, loss_sum, count = carry
             key = jax.random.fold_in(rng, count.astype(jnp.int32))
             (loss, n), grads = jax.value_and_grad(
-                lambda p: token_loss(model, p, frozen, mb, key, deterministic=False, collection=collection),
+                lambda p: token_loss(model, p, base, mb, key, deterministic=False, collection=collection),
                 has_aux=True,
             )(state.params)
             return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + loss, count + n), None
@@ -92,9 +93,9 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule=None, coll
 
 
 def make_eval_step(model, collection: str = "params"):
-    """``eval_step(params, frozen, batch) -> (loss sum, target tokens)`` for one batch ``[B, T]``."""
+    """``eval_step(params, base, batch) -> (loss sum, target tokens)`` for one batch ``[B, T]``."""
 
-    def eval_step(params, frozen, batch):
-        return token_loss(model, params, frozen, batch, None, deterministic=True, collection=collection)
+    def eval_step(params, base, batch):
+        return token_loss(model, params, base, batch, None, deterministic=True, collection=collection)
 
     return eval_step

@@ -48,7 +48,7 @@ from qlora_jax.data import (
     stop_ids,
     tokenize,
 )
-from qlora_jax.nn import LlamaConfig, LlamaForCausalLM, LoRAConfig, QuantConfig, generate, split_params
+from qlora_jax.nn import LlamaConfig, LlamaForCausalLM, LoRAConfig, QuantConfig, generate, merge_params, split_params
 from qlora_jax.nn.llama import unstack_layers
 from qlora_jax.optim import paged
 from qlora_jax.train import export
@@ -260,7 +260,7 @@ def setup(config, mesh):
     model, variables, tok, model_cfg = build_model(config)
     params, frozen = split_params(variables)
     if _full(config):
-        params, frozen = frozen.pop("frozen"), frozen  # every base weight is trainable
+        params, frozen = frozen, {}  # every base weight is trainable
         per_layer = unstack_layers(params)
         stored = [x for x in jax.tree.leaves(per_layer, is_leaf=quant.is_quantized) if quant.is_quantized(x)]
         if stored:  # uint8 codes cannot be differentiated
@@ -303,7 +303,7 @@ def _full(config) -> bool:
 
 
 def _collection(config) -> str:
-    return "frozen" if _full(config) else "params"
+    return "base" if _full(config) else "params"
 
 
 def _save_tokenizer(tok, path) -> None:
@@ -580,7 +580,7 @@ def _finish(run: _Run, state, last: dict, write_final: bool) -> dict:
     params_host = parallel.to_host(state.params)  # collective: every process takes part
     exports_base = config.export.merged or config.export.quantized or config.export.gguf
     needs_base = not _full(config) and (not config.model_path or exports_base)
-    base = parallel.to_host(run.frozen["frozen"]) if needs_base else None
+    base = parallel.to_host(run.frozen) if needs_base else None
     if run.data.generation:  # every data kind: the prompts, targets and greedy answers
         answers = run.answers.get(int(state.step)) or run.generate(state.params)  # the last eval's, if it made them
         if run.chief:
@@ -617,7 +617,7 @@ def _finish(run: _Run, state, last: dict, write_final: bool) -> dict:
 def _for_generation(params, frozen, collection: str) -> dict:
     """The variables for :func:`generate`: as they are on one host; gathered to every process's
     own devices when the arrays span hosts (generation then runs on each process's first device)."""
-    variables = {collection: params, **frozen}
+    variables = merge_params(params, frozen, collection)
     if jax.process_count() == 1:
         return variables
     return jax.device_put(parallel.to_host(variables), jax.local_devices()[0])

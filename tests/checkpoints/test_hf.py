@@ -28,7 +28,7 @@ def test_bnb_checkpoint_loads_byte_exact_and_matches_its_logits():
     d = HF / "llama_bnb4bit"
     model, v = load_pretrained(d, quant=None, dtype=jnp.float32, progress=False)
     stored = load_file(d / "model.safetensors")
-    linears = _linears(v["frozen"])
+    linears = _linears(v["base"])
     assert len(linears) == 14
     for path, qt in linears.items():
         name = f"model.layers.{path[0].split('_')[1]}.{path[1]}.{path[2]}.weight"
@@ -47,7 +47,7 @@ def test_quantize_at_load_equals_transformers_bitsandbytes():
     _, ours = load_pretrained(HF / "llama_gqa", quant=QuantConfig("nf4", 64, True), dtype=jnp.float32, progress=False)
     _, plain = load_pretrained(HF / "llama_gqa", quant=QuantConfig("nf4", 64, False), dtype=jnp.float32, progress=False)
     _, theirs = load_pretrained(HF / "llama_bnb4bit", quant=None, dtype=jnp.float32, progress=False)
-    a, b, c = _linears(ours["frozen"]), _linears(theirs["frozen"]), _linears(plain["frozen"])
+    a, b, c = _linears(ours["base"]), _linears(theirs["base"]), _linears(plain["base"])
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(np.asarray(a[k].packed), np.asarray(b[k].packed), err_msg=str(k))
@@ -75,7 +75,7 @@ def test_saved_checkpoint_equals_transformers_file_and_loads_back(tmp_path):
     src = HF / "llama_bnb4bit"
     _, v = load_pretrained(src, quant=None, dtype=jnp.float32, progress=False)
     _, raw = read_config(src)
-    save_pretrained_4bit(tmp_path, raw, v["frozen"], compute_dtype="float32")
+    save_pretrained_4bit(tmp_path, raw, v["base"], compute_dtype="float32")
     a, b = load_file(src / "model.safetensors"), load_file(tmp_path / "model.safetensors")
     assert sorted(a) == sorted(b)
     for k in a:
@@ -84,17 +84,17 @@ def test_saved_checkpoint_equals_transformers_file_and_loads_back(tmp_path):
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["quantization_config"] == json.loads((src / "config.json").read_text())["quantization_config"]
     _, back = load_pretrained(tmp_path, quant=None, dtype=jnp.float32, progress=False)
-    for x, y in zip(jax.tree.leaves(v["frozen"]), jax.tree.leaves(back["frozen"]), strict=True):
+    for x, y in zip(jax.tree.leaves(v["base"]), jax.tree.leaves(back["base"]), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_save_of_our_own_quantization_round_trips(tmp_path):
     _, v = load_pretrained(HF / "qwen2", quant=QuantConfig("fp4", 64, False), progress=False)
     _, raw = read_config(HF / "qwen2")
-    save_pretrained_4bit(tmp_path, raw, v["frozen"])
+    save_pretrained_4bit(tmp_path, raw, v["base"])
     model, back = load_pretrained(tmp_path, quant=None, progress=False)
     assert model.quant == QuantConfig("fp4", 64, False)
-    for x, y in zip(jax.tree.leaves(v["frozen"]), jax.tree.leaves(back["frozen"]), strict=True):
+    for x, y in zip(jax.tree.leaves(v["base"]), jax.tree.leaves(back["base"]), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
@@ -183,7 +183,7 @@ def test_nonfinite_tensor_is_refused_naming_tensor_file_and_count(tmp_path, name
     with pytest.raises(ValueError, match=match):
         load_pretrained(d, quant=QuantConfig() if quantized else None, progress=False)
     _, v = load_pretrained(d, quant=QuantConfig() if quantized else None, check_finite=False, progress=False)  # opt-out
-    assert v["frozen"]
+    assert v["base"]
 
 
 def test_float16_overflow_at_load_is_refused(tmp_path):
@@ -249,12 +249,12 @@ def test_double_quant_outlier_is_reported_with_its_remedy(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         _, v = load_pretrained(d, quant=QuantConfig(no_double_quant=("layers.0.self_attn.q_proj",)), progress=False)
     assert not [r for r in caplog.records if "block-wise relative MSE" in r.getMessage()]
-    q = v["frozen"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
-    assert not q.double_quant and v["frozen"]["layers_0"]["self_attn"]["k_proj"]["kernel"].double_quant
+    q = v["base"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
+    assert not q.double_quant and v["base"]["layers_0"]["self_attn"]["k_proj"]["kernel"].double_quant
     assert quant.measure_error(w, q)["block_rel_mse"] < 0.02
     _, v = load_pretrained(d, quant=QuantConfig(skip_modules=("layers.0.self_attn.q_proj",)), progress=False)
-    assert set(v["frozen"]) >= {"layers_0", "layers_1"}  # one layer stored apart: the loader unrolls them
-    kept = v["frozen"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
+    assert set(v["base"]) >= {"layers_0", "layers_1"}  # one layer stored apart: the loader unrolls them
+    kept = v["base"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
     assert not quant.is_quantized(kept)
     np.testing.assert_array_equal(np.asarray(kept, np.float32), np.asarray(jnp.asarray(w, jnp.bfloat16), np.float32))
 
@@ -270,14 +270,14 @@ def test_skip_modules_round_trip_through_the_bitsandbytes_format(tmp_path):
     transformers + bitsandbytes write it) and loads back as stored."""
     cfg = QuantConfig(skip_modules=("layers.1.mlp.down_proj",))
     _, v = load_pretrained(HF / "llama_gqa", quant=cfg, dtype=jnp.float32, progress=False)
-    save_pretrained_4bit(tmp_path, read_config(HF / "llama_gqa")[1], v["frozen"])
+    save_pretrained_4bit(tmp_path, read_config(HF / "llama_gqa")[1], v["base"])
     raw = json.loads((tmp_path / "config.json").read_text())
     assert raw["quantization_config"]["llm_int8_skip_modules"] == ["lm_head", "model.layers.1.mlp.down_proj"]
     _, back = load_pretrained(tmp_path, quant=None, dtype=jnp.float32, progress=False)
-    assert len(_linears(back["frozen"])) == 13
+    assert len(_linears(back["base"])) == 13
     np.testing.assert_array_equal(
-        np.asarray(back["frozen"]["layers_1"]["mlp"]["down_proj"]["kernel"]),
-        np.asarray(v["frozen"]["layers_1"]["mlp"]["down_proj"]["kernel"]),
+        np.asarray(back["base"]["layers_1"]["mlp"]["down_proj"]["kernel"]),
+        np.asarray(v["base"]["layers_1"]["mlp"]["down_proj"]["kernel"]),
     )
 
 
@@ -288,9 +288,9 @@ def test_scanned_load_stacks_the_unrolled_tensors():
     _, unrolled = load_pretrained(
         HF / "llama_gqa", quant=cfg, lora=LoRAConfig(rank=4), seed=1, scan_layers=False, progress=False
     )
-    assert "layers" in stacked["frozen"] and "layers_0" in unrolled["frozen"]
-    a = traverse_util.flatten_dict(unstack_layers(stacked["frozen"]))
-    b = traverse_util.flatten_dict(unrolled["frozen"])
+    assert "layers" in stacked["base"] and "layers_0" in unrolled["base"]
+    a = traverse_util.flatten_dict(unstack_layers(stacked["base"]))
+    b = traverse_util.flatten_dict(unrolled["base"])
     assert a.keys() == b.keys()
     for k in a:
         for x, y in zip(jax.tree.leaves(a[k]), jax.tree.leaves(b[k]), strict=True):

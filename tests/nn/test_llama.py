@@ -137,12 +137,12 @@ def test_lora_targets_and_frozen_layout():
     assert set(params["layers"]) == {"self_attn"} and set(params["layers"]["self_attn"]) == {"q_proj", "v_proj"}
     assert params["layers"]["self_attn"]["q_proj"]["lora_a"].shape == (2, 4, 64)  # [L, r, in]
     v = _tiny(lora=LoRAConfig(rank=4), quant=QuantConfig()).init(jax.random.key(0), ids)
-    q = v["frozen"]["layers"]["mlp"]["down_proj"]["kernel"]
+    q = v["base"]["layers"]["mlp"]["down_proj"]["kernel"]
     assert q.shape == (64, 128) and q.packed.shape == (2, 64 * 128 // 2)  # per-layer shape, stacked arrays
     layer = unstack_layers(v["params"])["layers_1"]
     assert set(layer["self_attn"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
     assert set(layer["mlp"]) == {"gate_proj", "up_proj", "down_proj"}
-    f = unstack_layers(v["frozen"])
+    f = unstack_layers(v["base"])
     assert isinstance(f["layers_0"]["mlp"]["down_proj"]["kernel"], quant.QuantizedTensor)
     for leaf in (f["embed_tokens"]["embedding"], f["norm"]["weight"], f["lm_head"]["kernel"],
                  f["layers_0"]["input_layernorm"]["weight"]):  # fmt: skip
@@ -168,7 +168,7 @@ def test_remat_gives_the_same_loss_and_grads():
     params, frozen = split_params(v)
 
     def loss(model, p):
-        return jnp.mean(model.apply({"params": p, **frozen}, ids) ** 2)
+        return jnp.mean(model.apply({"params": p, "base": frozen}, ids) ** 2)
 
     for policy in ("nothing_saveable", "dots_saveable"):
         remat = _tiny(
@@ -195,13 +195,11 @@ def test_scanned_layers_equal_unrolled_ones(remat):
     v = unrolled.init(jax.random.key(0), ids)
     v["params"] = jax.tree.map(lambda a: a + 0.01, v["params"])  # nonzero B: real adapter grads
     params, frozen = split_params(v)
-    s_params, s_frozen = stack_layers(params), {"frozen": stack_layers(frozen["frozen"])}
-    assert jax.tree.structure(s_frozen) == jax.tree.structure(
-        {"frozen": scanned.init(jax.random.key(0), ids)["frozen"]}
-    )
+    s_params, s_frozen = stack_layers(params), stack_layers(frozen)
+    assert jax.tree.structure(s_frozen) == jax.tree.structure(scanned.init(jax.random.key(0), ids)["base"])
 
     def loss(model, p, f):
-        return jnp.mean(model.apply({"params": p, **f}, ids) ** 2)
+        return jnp.mean(model.apply({"params": p, "base": f}, ids) ** 2)
 
     la, ga = jax.value_and_grad(lambda p: loss(unrolled, p, frozen))(params)
     lb, gb = jax.value_and_grad(lambda p: loss(scanned, p, s_frozen))(s_params)
@@ -215,8 +213,8 @@ def test_scanned_layers_refuse_a_per_layer_storage():
     with pytest.raises(ValueError, match=r"mlp.down_proj differently in different layers.*scan_layers=False"):
         model.init(jax.random.key(0), ids)
     v = model.clone(scan_layers=False).init(jax.random.key(0), ids)
-    assert not quant.is_quantized(v["frozen"]["layers_1"]["mlp"]["down_proj"]["kernel"])
-    assert quant.is_quantized(v["frozen"]["layers_0"]["mlp"]["down_proj"]["kernel"])
+    assert not quant.is_quantized(v["base"]["layers_1"]["mlp"]["down_proj"]["kernel"])
+    assert quant.is_quantized(v["base"]["layers_0"]["mlp"]["down_proj"]["kernel"])
     _tiny(quant=QuantConfig(skip_modules=("down_proj",))).init(jax.random.key(0), ids)  # every layer alike: fine
 
 

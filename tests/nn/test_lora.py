@@ -22,7 +22,7 @@ def _init(layer, rng, x, random_b=True):
     if random_b and "params" in v:
         v["params"]["lora_b"] = jnp.asarray(rng.standard_normal(v["params"]["lora_b"].shape) * 0.1, jnp.float32)
     if layer.use_bias:
-        v["frozen"]["bias"] = jnp.asarray(rng.standard_normal(OUT), layer.dtype)
+        v["base"]["bias"] = jnp.asarray(rng.standard_normal(OUT), layer.dtype)
     return v
 
 
@@ -35,9 +35,9 @@ def _w64(kernel):
 def _reference(v, x, scale):
     """float64 y = x W^T + b + s · x A^T B^T."""
     x = np.asarray(x, np.float64)
-    y = x @ _w64(v["frozen"]["kernel"]).T
-    if "bias" in v["frozen"]:
-        y = y + np.asarray(v["frozen"]["bias"], np.float64)
+    y = x @ _w64(v["base"]["kernel"]).T
+    if "bias" in v["base"]:
+        y = y + np.asarray(v["base"]["bias"], np.float64)
     if "params" in v:
         a, b = (np.asarray(v["params"][k], np.float64) for k in ("lora_a", "lora_b"))
         y = y + scale * (x @ a.T) @ b.T
@@ -71,7 +71,7 @@ def test_zero_b_is_exactly_the_base(fresh_rng):
     v = _init(layer, fresh_rng, x, random_b=False)
     np.testing.assert_array_equal(np.asarray(v["params"]["lora_b"]), 0.0)
     base = LoRADense(OUT, lora=None, quant=QuantConfig(), dtype=jnp.float32, impl="xla")
-    np.testing.assert_array_equal(layer.apply(v, x), base.apply({"frozen": v["frozen"]}, x))
+    np.testing.assert_array_equal(layer.apply(v, x), base.apply({"base": v["base"]}, x))
 
 
 @pytest.mark.parametrize("rslora,expected", [(False, 32 / 16), (True, 32 / math.sqrt(16))])
@@ -82,7 +82,7 @@ def test_scale_alpha_over_r_and_rslora(fresh_rng, rslora, expected):
     x = jnp.asarray(fresh_rng.standard_normal((4, IN)), jnp.float32)
     v = _init(layer, fresh_rng, x)
     base = layer.apply(
-        {"frozen": v["frozen"], "params": {**v["params"], "lora_b": jnp.zeros_like(v["params"]["lora_b"])}}, x
+        {"base": v["base"], "params": {**v["params"], "lora_b": jnp.zeros_like(v["params"]["lora_b"])}}, x
     )
     delta = np.asarray(layer.apply(v, x) - base, np.float64)
     a, b = (np.asarray(v["params"][k], np.float64) for k in ("lora_a", "lora_b"))
@@ -106,7 +106,7 @@ def test_dropout_only_on_the_adapter_and_only_in_training(fresh_rng):
     outs = jax.vmap(lambda k: layer.apply(v, x, deterministic=False, rngs={"dropout": k}))(keys)
     outs = np.asarray(outs, np.float64)
     assert not np.allclose(outs[0], evald)  # dropout is active in training
-    base = np.asarray(_layer(lora=None).apply({"frozen": v["frozen"]}, x), np.float64)
+    base = np.asarray(_layer(lora=None).apply({"base": v["base"]}, x), np.float64)
     # inverted dropout: the mean adapter contribution over masks approaches the eval one (without
     # the 1 / (1 - p) scale it would be half of it: 0.5 away)
     assert np.linalg.norm(outs.mean(0) - evald) <= 0.1 * np.linalg.norm(evald - base)
@@ -153,20 +153,20 @@ def test_rank_zero_is_a_plain_quantized_linear(fresh_rng):
     x = jnp.asarray(fresh_rng.standard_normal((2, IN)), jnp.float32)
     v = _layer(lora=LoRAConfig(rank=0)).init(jax.random.key(0), x)
     assert "params" not in v
-    assert isinstance(v["frozen"]["kernel"], quant.QuantizedTensor)
+    assert isinstance(v["base"]["kernel"], quant.QuantizedTensor)
 
 
 def test_merge_equals_unmerged_forward(fresh_rng):
     layer = _layer(dtype=jnp.float32)
     x = jnp.asarray(fresh_rng.standard_normal((4, IN)), jnp.float32)
     v = _init(layer, fresh_rng, x)
-    merged = merged_weight(v["frozen"]["kernel"], v["params"]["lora_a"], v["params"]["lora_b"], 16 / R)
+    merged = merged_weight(v["base"]["kernel"], v["params"]["lora_a"], v["params"]["lora_b"], 16 / R)
     assert merged.dtype == jnp.bfloat16 and merged.shape == (OUT, IN)
     y_merged = np.asarray(x, np.float64) @ np.asarray(merged, np.float64).T
     y = np.asarray(layer.apply(v, x), np.float64)
     assert np.linalg.norm(y_merged - y) <= 1e-2 * np.linalg.norm(y)  # the merge is rounded to bf16
     qt, stats = merged_weight(
-        v["frozen"]["kernel"], v["params"]["lora_a"], v["params"]["lora_b"], 16 / R, requantize=QuantConfig()
+        v["base"]["kernel"], v["params"]["lora_a"], v["params"]["lora_b"], 16 / R, requantize=QuantConfig()
     )
     assert isinstance(qt, quant.QuantizedTensor) and qt.shape == (OUT, IN)
     # NF4 of a near-Gaussian weight: ~10% relative error (bnb's 0.2 mean relative error per element)

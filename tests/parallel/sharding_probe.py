@@ -82,7 +82,7 @@ def main(workdir, params_mode, opt_mode):
     print(
         json.dumps(
             {
-                "frozen": describe(frozen),
+                "base": describe(frozen),
                 "shards_dequantize_alone": shards_dequantize_alone(frozen),
                 "before": before,
                 "after": after,

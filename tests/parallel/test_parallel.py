@@ -142,10 +142,10 @@ def test_sharding_of_frozen_params_and_paged_state_on_2x4_mesh(tmp_path):
     cmd = [sys.executable, "tests/parallel/sharding_probe.py", str(tmp_path / "ckpt"), "fsdp", "replicated"]
     out = subprocess.run(cmd, cwd=ROOT, env=_env(8), capture_output=True, text=True, check=True)
     probe = json.loads(out.stdout.strip().splitlines()[-1])
-    frozen = probe["frozen"]
+    frozen = probe["base"]
     q, k = (
-        "['frozen']['layers']['self_attn']['q_proj']['kernel']",
-        "['frozen']['layers']['self_attn']['k_proj']['kernel']",
+        "['base']['layers']['self_attn']['q_proj']['kernel']",
+        "['base']['layers']['self_attn']['k_proj']['kernel']",
     )  # scanned layers: a leading [L] axis, each layer's rows split
     assert [frozen[f"{q}.{f}"][0] for f in ("packed", "absmax", "nested_absmax", "offset")] == [
         "P(None, 'fsdp')", "P(None, 'fsdp')", "P(None, 'fsdp')", "P()",

@@ -154,14 +154,14 @@ def test_merged_and_quantized_exports_load_back(tmp_path):
     )
     v["params"] = jax.tree.map(lambda a: a + 0.01, v["params"])
     export.export_hf(
-        tmp_path / "merged", model.config, v["frozen"], dtype=jnp.float32, params=v["params"], lora=model.lora
+        tmp_path / "merged", model.config, v["base"], dtype=jnp.float32, params=v["params"], lora=model.lora
     )
     # the merged weight is dequant(W) + s * B @ A rounded to bf16: within one bf16 step of the
     # float64 merge, element by element
     from qlora_jax import quant
 
     tensor = load_file(tmp_path / "merged" / "model.safetensors")["model.layers.1.mlp.down_proj.weight"]
-    node = unstack_layers(v["frozen"])["layers_1"]["mlp"]["down_proj"]
+    node = unstack_layers(v["base"])["layers_1"]["mlp"]["down_proj"]
     adapter = unstack_layers(v["params"])["layers_1"]["mlp"]["down_proj"]
     a, b = (np.asarray(adapter[k], np.float64) for k in ("lora_a", "lora_b"))
     exact = np.asarray(quant.dequantize(node["kernel"], jnp.float32), np.float64) + model.lora.scale * b @ a
@@ -177,21 +177,21 @@ def test_merged_and_quantized_exports_load_back(tmp_path):
     from qlora_jax.checkpoints import open_gguf
 
     export.export_gguf(
-        tmp_path / "model.gguf", model.config, v["frozen"], None, "f16", params=v["params"], lora=model.lora
+        tmp_path / "model.gguf", model.config, v["base"], None, "f16", params=v["params"], lora=model.lora
     )
     for dtype in (jnp.float16, jnp.float32):
         export.export_hf(
-            tmp_path / dtype.__name__, model.config, v["frozen"], dtype=dtype, params=v["params"], lora=model.lora
+            tmp_path / dtype.__name__, model.config, v["base"], dtype=dtype, params=v["params"], lora=model.lora
         )
     f16, f32 = (load_file(tmp_path / n / "model.safetensors") for n in ("float16", "float32"))
     _, _, tensors = open_gguf(tmp_path / "model.gguf")
     assert set(tensors.files) == set(f16)
     for name, x in f16.items():
         np.testing.assert_array_equal(tensors.get(name), (x if x.ndim == 2 else f32[name]).astype(np.float32), name)
-    export.export_quantized(tmp_path / "quantized", model.config, v["frozen"], QuantConfig())
+    export.export_quantized(tmp_path / "quantized", model.config, v["base"], QuantConfig())
     _, q = load_pretrained(tmp_path / "quantized", quant=None, dtype=jnp.float32, progress=False)
-    a = v["frozen"]["layers"]["mlp"]["up_proj"]["kernel"]  # both scanned: stacked alike
-    b = q["frozen"]["layers"]["mlp"]["up_proj"]["kernel"]
+    a = v["base"]["layers"]["mlp"]["up_proj"]["kernel"]  # both scanned: stacked alike
+    b = q["base"]["layers"]["mlp"]["up_proj"]["kernel"]
     np.testing.assert_array_equal(np.asarray(a.packed), np.asarray(b.packed))
 
 
@@ -309,7 +309,7 @@ def chat_checkpoint(tmp_path_factory):
     tok = load_tokenizer(src)
     cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                       bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)  # fmt: skip
-    frozen = LlamaForCausalLM(cfg, dtype=jnp.float32).init(jax.random.key(0), jnp.ones((1, 4), jnp.int32))["frozen"]
+    frozen = LlamaForCausalLM(cfg, dtype=jnp.float32).init(jax.random.key(0), jnp.ones((1, 4), jnp.int32))["base"]
     export.export_hf(root / "model", cfg, frozen)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(src / name, root / "model" / name)

@@ -38,7 +38,7 @@ def test_loss_counts_only_masked_targets(fresh_rng):
     batch = _batch(fresh_rng)
     total, n = token_loss(model, params, frozen, batch, None, deterministic=True)
     logits = np.asarray(
-        model.apply({"params": params, **frozen}, batch["input_ids"], batch["attention_mask"]), np.float64
+        model.apply({"params": params, "base": frozen}, batch["input_ids"], batch["attention_mask"]), np.float64
     )
     logp = (
         logits
