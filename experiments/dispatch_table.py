@@ -21,9 +21,7 @@ from collections import defaultdict
 
 from absl import app, flags
 
-from qlora_jax.kernels import dispatch
-
-DECODE_MAX_M = dispatch.DECODE_MAX_M  # at most this many rows: only the forward runs (generation)
+from qlora_jax.kernels import DECODE_MAX_M, dispatch
 
 # not required=True: that would be checked by every absl parse in a process that imports this module
 # (the test suite's workers import them all)

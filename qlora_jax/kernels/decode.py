@@ -38,10 +38,15 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from qlora_jax import quant
-from qlora_jax.kernels import dispatch
-from qlora_jax.kernels.dequantize import code_table, double_quant_args, drop_alias_input, load_absmax, lookup_4bit
+from qlora_jax.kernels._common import (
+    DECODE_MAX_M,
+    PallasCall,
+    code_table,
+    double_quant_args,
+    load_absmax,
+    lookup_4bit,
+)
 
-MAX_M = dispatch.DECODE_MAX_M  # rows of x the kernel takes; larger M is a GEMM (qmatmul's tiled kernels)
 TARGET_PROGRAMS = 1024  # ~8 per SM on a 132-SM H100: enough resident programs to cover latency
 
 
@@ -138,7 +143,7 @@ def _decode_kernel(x_ref, packed_ref, absmax_ref, table_ref, *refs, m, sizes, st
 def kernel_supports(m: int, x_dtype, qt: quant.QuantizedTensor) -> bool:
     """Whether the decode kernel takes ``m`` rows of ``x_dtype`` against this weight."""
     return (
-        1 <= m <= MAX_M
+        1 <= m <= DECODE_MAX_M
         and len(qt.shape) == 2
         and qt.shape[0] % 16 == 0
         and qt.shape[1] % qt.block_size == 0
@@ -147,54 +152,48 @@ def kernel_supports(m: int, x_dtype, qt: quant.QuantizedTensor) -> bool:
     )
 
 
-def decode_partials(
-    x2d: jax.Array,
-    qt: quant.QuantizedTensor,
-    block_sizes: DecodeBlockSizes = DecodeBlockSizes(),
-    *,
-    interpret: bool = False,
-    out: jax.Array | None = None,
-) -> jax.Array:
-    """The kernel's float32 partial sums ``[splits, M, N]`` (their sum over axis 0 is ``x @ W.T``).
-
-    ``out`` (tests): an initial partials buffer the kernel writes into (aliased), so entries it
-    fails to write keep their poison value.
-    """
+def _decode_call(
+    x2d: jax.Array, qt: quant.QuantizedTensor, block_sizes: DecodeBlockSizes, interpret: bool
+) -> PallasCall:
     m, k = x2d.shape
     n = qt.shape[0]
     if not kernel_supports(m, x2d.dtype, qt) or k != qt.shape[1]:
         raise ValueError(
-            f"the decode kernel takes 1..{MAX_M} rows of bf16/fp16/fp32 x against a 2-D weight with out_features % 16 "
-            f"== 0 and in_features a multiple of its block_size in (32, 64, 128, 256); got x {x2d.shape} {x2d.dtype} "
-            f"and weight {qt.shape} (block_size {qt.block_size})"
+            f"the decode kernel takes 1..{DECODE_MAX_M} rows of bf16/fp16/fp32 x against a 2-D weight with "
+            f"out_features % 16 == 0 and in_features a multiple of its block_size in (32, 64, 128, 256); got x "
+            f"{x2d.shape} {x2d.dtype} and weight {qt.shape} (block_size {qt.block_size})"
         )
     sizes = block_sizes.for_shape(n, k, qt.block_size)
     steps = k // qt.block_size // sizes.blocks_per_step
     meta = (qt.quant_type, qt.block_size, k // qt.block_size, qt.nested_block_size)
     args = (x2d, qt.packed.reshape(n, k // 2), qt.absmax, code_table(qt.quant_type), *double_quant_args(qt))
     kernel = functools.partial(_decode_kernel, m=m, sizes=sizes, steps=steps, qt_meta=meta, interpret=interpret)
-    aliases = {}
-    if out is not None:
-        args = (*args, out)
-        aliases = {len(args) - 1: 0}
-        kernel = functools.partial(drop_alias_input, kernel)
-
-    return pl.pallas_call(
-        kernel,
+    params = dict(
         out_shape=jax.ShapeDtypeStruct((sizes.splits, m, n), jnp.float32),
         grid=(n // sizes.block_n, sizes.splits),
         in_specs=[pl.no_block_spec] * len(args),
         out_specs=pl.no_block_spec,
-        input_output_aliases=aliases,
         interpret=interpret,
         compiler_params=plgpu.CompilerParams(num_warps=sizes.num_warps, num_stages=sizes.num_stages),
         name=f"qmatmul_decode_{qt.quant_type}{'_dq' if qt.double_quant else ''}",
-    )(*args)
+    )
+    return PallasCall(kernel, args, params)
+
+
+def decode_partials(
+    x2d: jax.Array,
+    qt: quant.QuantizedTensor,
+    block_sizes: DecodeBlockSizes = DecodeBlockSizes(),
+    *,
+    interpret: bool = False,
+) -> jax.Array:
+    """The kernel's float32 partial sums ``[splits, M, N]`` (their sum over axis 0 is ``x @ W.T``)."""
+    return _decode_call(x2d, qt, block_sizes, interpret)()
 
 
 def decode_matmul(
     x2d: jax.Array, qt: quant.QuantizedTensor, block_sizes: DecodeBlockSizes = DecodeBlockSizes(), *, interpret=False
 ) -> jax.Array:
-    """``[M, K] @ dequant(W[N, K]).T -> [M, N]`` in x's dtype, M <= :data:`MAX_M`."""
+    """``[M, K] @ dequant(W[N, K]).T -> [M, N]`` in x's dtype, M <= :data:`DECODE_MAX_M`."""
     partials = decode_partials(x2d, qt, block_sizes, interpret=interpret)
     return partials.sum(axis=0).astype(x2d.dtype)

@@ -22,7 +22,9 @@ each element costs:
 
 Lowering constraints (Triton, checked from CPU by ``tests/kernels/test_lowering.py``): no gather
 on *values*, but loads from refs at computed indices (the code table, the 256-entry dynamic map of
-double quantization, the nested scales) are plain pointer loads and are allowed.
+double quantization, the nested scales) are plain pointer loads and are allowed. The in-kernel
+decode (code lookup, absmax, double quantization) is :mod:`qlora_jax.kernels._common`'s, which the
+matmul kernels share.
 
 The pure-jnp reference (:func:`dequantize_reference`) is :func:`qlora_jax.quant.dequantize`:
 the test oracle and the fallback for shapes the kernel does not take (an element count that is
@@ -37,17 +39,23 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from qlora_jax import quant
-from qlora_jax.kernels import dispatch
-from qlora_jax.quant import codebooks
+from qlora_jax.kernels._common import (
+    OUT_DTYPES,
+    PallasCall,
+    code_table,
+    dequantize_tile,
+    double_quant_args,
+    load_absmax,
+    resolve_interpret,
+)
+from qlora_jax.kernels.dispatch import Dispatch, for_device
 
 IMPLS = ("auto", "pallas", "mosaic_gpu", "xla")
 LOOKUPS = ("table", "select")
-_OUT_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,78 +89,6 @@ class DequantizeBlockSizes:
             raise ValueError(f"DequantizeBlockSizes.num_stages must be a positive int; got {self.num_stages!r}")
         if self.lookup not in LOOKUPS:
             raise ValueError(f"DequantizeBlockSizes.lookup must be one of {LOOKUPS}; got {self.lookup!r}")
-
-
-# --- In-kernel helpers, shared with qmatmul -----------------------------------------------------
-
-
-def code_table(quant_type: str) -> jax.Array:
-    """The 16-entry float32 table a kernel indexes (an input ref, so the lookup is a cached load)."""
-    return jnp.asarray(codebooks.table(quant_type), jnp.float32)
-
-
-def lookup_4bit(codes: jax.Array, quant_type: str, table_ref=None) -> jax.Array:
-    """float32 table values of 4-bit codes: ``table_ref[codes]`` (one indexed load per element)
-    when the kernel was given :func:`code_table`, else a binary select tree on the code bits."""
-    if table_ref is not None:
-        return table_ref[codes.astype(jnp.int32)]
-    table = codebooks.table(quant_type)
-    bits = [((codes >> k) & 1) == 1 for k in range(4)]
-    layer = [np.float32(v) for v in table]
-    for bit in bits:  # bit 0 picks between codes 2j and 2j+1, and so on up
-        layer = [jnp.where(bit, layer[2 * j + 1], layer[2 * j]) for j in range(len(layer) // 2)]
-    return layer[0]
-
-
-def _mul_rn(a: jax.Array, b: jax.Array, *, interpret: bool) -> jax.Array:
-    """``a * b`` rounded to float32 on its own, so a following add is not fused into an FMA.
-
-    Double quantization's reference rounds the product and the sum separately (bitsandbytes
-    does). Both compilers would contract them: XLA on CPU (interpret mode) and Triton on GPU. An
-    optimization barrier stops XLA; on GPU an explicit ``mul.rn.f32`` is never contracted.
-    """
-    if interpret:
-        return jax.lax.optimization_barrier(a * b)
-    (out,) = plgpu.elementwise_inline_asm(
-        "mul.rn.f32 $0, $1, $2;",
-        args=[a.astype(jnp.float32), b.astype(jnp.float32)],
-        constraints="=r,r,r",
-        pack=1,
-        result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.float32)],
-    )
-    return out
-
-
-def double_quant_args(qt: quant.QuantizedTensor) -> tuple:
-    """The kernel inputs :func:`load_absmax` reads as ``dq_refs`` (empty without double quant)."""
-    if not qt.double_quant:
-        return ()
-    return (qt.nested_absmax, qt.offset.reshape(1), jnp.asarray(codebooks.DYNAMIC_SIGNED))
-
-
-def load_absmax(absmax_ref, dq_refs, block_ids: jax.Array, *, nested_block_size, interpret: bool) -> jax.Array:
-    """float32 absmax of the quantization blocks ``block_ids`` (any shape of int32 indices).
-
-    With double quantization ``dq_refs = (nested_ref, offset_ref, table8_ref)`` and the value is
-    ``table8[code] * nested[block // nested_block_size] + offset``, fused here.
-    """
-    raw = absmax_ref[block_ids]
-    if not dq_refs:
-        return raw
-    nested_ref, offset_ref, table8_ref = dq_refs
-    centred = _mul_rn(
-        table8_ref[raw.astype(jnp.int32)], nested_ref[block_ids // nested_block_size], interpret=interpret
-    )
-    return centred + offset_ref[0]
-
-
-def dequantize_tile(packed: jax.Array, absmax: jax.Array, quant_type: str, dtype, table_ref=None) -> jax.Array:
-    """``[rows, block/2]`` packed bytes x ``[rows, 1]`` absmax -> ``[rows, block]`` values in dtype."""
-    hi = lookup_4bit(packed >> 4, quant_type, table_ref) * absmax
-    lo = lookup_4bit(packed & 15, quant_type, table_ref) * absmax
-    rows, half = packed.shape
-    # even-index element in the high nibble: interleave (Triton: join + reshape, one store)
-    return jnp.stack([hi, lo], axis=-1).reshape(rows, 2 * half).astype(dtype)
 
 
 # --- The kernel ---------------------------------------------------------------------------------
@@ -196,27 +132,15 @@ def _tile_blocks(num_blocks: int, wanted: int) -> int:
     return tile
 
 
-def dequantize_pallas(
-    qt: quant.QuantizedTensor,
-    dtype: str,
-    *,
-    block_sizes: DequantizeBlockSizes = DequantizeBlockSizes(),
-    interpret: bool = False,
-    out: jax.Array | None = None,
-) -> jax.Array:
-    """Run the kernel. ``out`` (tests only): an initial output buffer the kernel writes into
-    (aliased), so elements it fails to write keep their poison value."""
+def _dequantize_call(
+    qt: quant.QuantizedTensor, dtype: str, block_sizes: DequantizeBlockSizes, interpret: bool
+) -> PallasCall:
     nb, bs = qt.num_blocks, qt.block_size
     tile = _tile_blocks(nb, block_sizes.blocks_per_tile)
     step = min(block_sizes.blocks_per_step, tile)
     table = block_sizes.lookup == "table"
     args = (qt.packed.reshape(nb, bs // 2), qt.absmax, *((code_table(qt.quant_type),) if table else ()))
     args = (*args, *double_quant_args(qt))
-    out_shape = jax.ShapeDtypeStruct((nb, bs), _OUT_DTYPES[dtype])
-    aliases = {}
-    if out is not None:
-        args = (*args, out.reshape(nb, bs))
-        aliases = {len(args) - 1: 0}
     kernel = functools.partial(
         _dequantize_kernel,
         quant_type=qt.quant_type,
@@ -226,40 +150,34 @@ def dequantize_pallas(
         table=table,
         interpret=interpret,
     )
-    if out is not None:  # the aliased buffer arrives as an extra input ref, before the output
-        kernel = functools.partial(drop_alias_input, kernel)
-    y = pl.pallas_call(
-        kernel,
-        out_shape=out_shape,
+    params = dict(
+        out_shape=jax.ShapeDtypeStruct((nb, bs), OUT_DTYPES[dtype]),
         grid=(nb // tile,),
         in_specs=[pl.BlockSpec((tile, bs // 2), lambda i: (i, 0))] + [pl.no_block_spec] * (len(args) - 1),
         out_specs=pl.BlockSpec((tile, bs), lambda i: (i, 0)),
-        input_output_aliases=aliases,
         interpret=interpret,
         compiler_params=plgpu.CompilerParams(num_warps=block_sizes.num_warps, num_stages=block_sizes.num_stages),
         name=f"dequantize_{qt.quant_type}{'_dq' if qt.double_quant else ''}_{block_sizes.lookup}",
-    )(*args)
-    return y.reshape(qt.shape)
+    )
+    return PallasCall(kernel, args, params, finish=lambda y: y.reshape(qt.shape))
 
 
-def drop_alias_input(kernel, *refs):
-    """Call ``kernel`` without the aliased poison buffer's input ref (it is the output's memory)."""
-    *ins, _alias, o_ref = refs
-    kernel(*ins, o_ref)
-
-
-def resolve_interpret(interpret: bool | None) -> bool:
-    """``None`` -> interpret exactly when the default backend cannot run Pallas GPU kernels."""
-    if interpret is None:
-        return jax.default_backend() != "gpu"
-    return bool(interpret)
+def dequantize_pallas(
+    qt: quant.QuantizedTensor,
+    dtype: str,
+    *,
+    block_sizes: DequantizeBlockSizes = DequantizeBlockSizes(),
+    interpret: bool = False,
+) -> jax.Array:
+    """Run the kernel on a tensor it takes (:func:`kernel_supports`); ``dtype`` by name."""
+    return _dequantize_call(qt, dtype, block_sizes, interpret)()
 
 
 def dequantize(
     qt: quant.QuantizedTensor,
     dtype=jnp.bfloat16,
     *,
-    impl: str = "auto",
+    impl: str | Dispatch = "auto",
     interpret: bool | None = None,
     block_sizes: DequantizeBlockSizes = DequantizeBlockSizes(),
 ) -> jax.Array:
@@ -268,21 +186,24 @@ def dequantize(
     Args:
       qt: a :class:`qlora_jax.quant.QuantizedTensor`.
       dtype: float32, bfloat16 or float16.
-      impl: ``"auto"`` (what :mod:`qlora_jax.kernels.dispatch` names for this device kind, for shapes
-        the kernel takes; else the reference),
-        ``"pallas"`` (the Triton kernel; raises for shapes it does not take), ``"mosaic_gpu"`` (the
-        Hopper+ prototype of :mod:`qlora_jax.kernels.mosaic_gpu`; ``block_sizes`` does not apply)
-        or ``"xla"`` (reference).
+      impl: a :class:`~qlora_jax.kernels.dispatch.Dispatch` (its ``dequantize`` for shapes that
+        kernel takes, else the next that does: ``"mosaic_gpu"`` falls back to ``"pallas"``, then
+        ``"xla"``); ``"auto"``, short for ``dispatch.for_device()`` resolved when called; or one
+        impl by name, which raises for shapes it does not take: ``"pallas"`` (the Triton kernel),
+        ``"mosaic_gpu"`` (the Hopper+ prototype of :mod:`qlora_jax.kernels.mosaic_gpu`;
+        ``block_sizes`` does not apply) or ``"xla"`` (reference).
       interpret: run the kernel in interpret mode (CPU); ``None`` = on non-GPU backends.
       block_sizes: kernel tiling.
     """
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
+    if not isinstance(impl, Dispatch) and impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS} or a Dispatch; got {impl!r}")
     name = jnp.dtype(dtype).name
-    if name not in _OUT_DTYPES:
-        raise ValueError(f"dtype must be one of {tuple(_OUT_DTYPES)}; got {dtype!r}")
-    if impl == "auto":  # the measured per-device table (kernels/dispatch.json); XLA where it has no entry
-        impl = dispatch.dequantize_impl()
+    if name not in OUT_DTYPES:
+        raise ValueError(f"dtype must be one of {tuple(OUT_DTYPES)}; got {dtype!r}")
+    if impl == "auto":
+        impl = for_device()
+    if isinstance(impl, Dispatch):
+        impl = impl.dequantize
         if impl == "mosaic_gpu" and not _mosaic_gpu().kernel_supports(qt, name):
             impl = "pallas"
         if impl == "pallas" and not kernel_supports(qt):

@@ -2,8 +2,8 @@
 
 ``dequantize_mosaic(qt, dtype)`` is bit-identical to :func:`qlora_jax.quant.dequantize` (the same
 codes, absmax, double quantization and rounding as the Triton kernel in
-:mod:`qlora_jax.kernels.dequantize`). It is not wired into ``kernels.dequantize`` or the dispatch
-table: nothing here has run on a GPU yet.
+:mod:`qlora_jax.kernels.dequantize`). ``kernels.dequantize(impl="mosaic_gpu")`` runs it, and a
+dispatch entry may name it, but no committed one does: nothing here has run on a GPU yet.
 
 Design. The packed bytes are viewed as ``[num_blocks, block_size / 2]``, one row per block.
 
@@ -88,9 +88,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from qlora_jax import quant
+from qlora_jax.kernels._common import OUT_DTYPES
 from qlora_jax.quant import codebooks
 
-_OUT_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _WARPGROUP = 128  # threads in a Mosaic GPU warpgroup: the strided layout of the absmax decode needs multiples of it
 _WGMMA_ROWS = 64  # the WGMMA register layout tiles rows by 64 and columns by 8
 _TMA_MIN_BYTES = 16  # TMA: every GMEM stride but the last, and the box's minor extent, in 16-byte multiples
@@ -310,8 +310,8 @@ def dequantize_mosaic(
       ValueError: for a shape the kernel does not take, a bad tiling, or sub-tiles too big for SMEM.
     """
     name = jnp.dtype(dtype).name
-    if name not in _OUT_DTYPES:
-        raise ValueError(f"dtype must be one of {tuple(_OUT_DTYPES)}; got {dtype!r}")
+    if name not in OUT_DTYPES:
+        raise ValueError(f"dtype must be one of {tuple(OUT_DTYPES)}; got {dtype!r}")
     if not isinstance(qt, quant.QuantizedTensor):
         raise ValueError(f"dequantize_mosaic expects a QuantizedTensor; got {type(qt).__name__}")
     tiling = MosaicTiling(rows_per_tile, rows_per_step, cols_per_step, num_stages)
@@ -348,7 +348,7 @@ def _dequantize_mosaic_jit(qt, dtype, plan: _Plan, interpret):
     kernel = functools.partial(
         _kernel,
         quant_type=qt.quant_type,
-        dtype=_OUT_DTYPES[dtype],
+        dtype=OUT_DTYPES[dtype],
         dq=qt.double_quant,
         nested_block_size=qt.nested_block_size,
         tile=plan.tile,
@@ -375,4 +375,4 @@ def _dequantize_mosaic_jit(qt, dtype, plan: _Plan, interpret):
     if plan.planar:  # an XLA pass over the output: Mosaic GPU cannot interleave two f32 arrays in registers
         return jnp.stack([out[0], out[1]], axis=-1).reshape(qt.shape)
     # [nb, half] u32 -> [nb, half, 2] 16-bit, element 0 from the low half: the even element
-    return jax.lax.bitcast_convert_type(out, _OUT_DTYPES[dtype]).reshape(qt.shape)
+    return jax.lax.bitcast_convert_type(out, OUT_DTYPES[dtype]).reshape(qt.shape)

@@ -11,9 +11,11 @@ over N.
 Terms: *block* = quantization block (``qt.block_size`` elements of K sharing an absmax);
 *tile* = a kernel program's slice of an operand (``QMatmulBlockSizes``).
 
-The code lookup is the dequantize kernel's: one load from the 16-entry table per code. For
-decode-sized M (1…16) :mod:`qlora_jax.kernels.decode` has a split-K kernel of its own
-(``impl="pallas_decode"``); these tiled kernels pad x to Triton's 16-row minimum.
+The in-kernel decode is the dequantize kernel's (:mod:`qlora_jax.kernels._common`): one load from
+the 16-entry table per code. For decode-sized M (1…16) :mod:`qlora_jax.kernels.decode` has a
+split-K kernel of its own (``impl="pallas_decode"``); these tiled kernels pad x to Triton's 16-row
+minimum. Which of them :func:`qmatmul` runs is the ``impl`` it is given: a name, or a
+:class:`~qlora_jax.kernels.dispatch.Dispatch` with a rule per range of M.
 
 The frozen weight gets no gradient: :func:`qmatmul` is a ``jax.custom_vjp`` whose cotangent for
 ``qt`` is zero by design (float0 for its integer leaves). Its only residual is ``qt`` itself —
@@ -37,18 +39,18 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from qlora_jax import quant
-from qlora_jax.kernels import decode, dispatch
-from qlora_jax.kernels.dequantize import (
+from qlora_jax.kernels import decode
+from qlora_jax.kernels._common import (
+    DECODE_MAX_M,
+    PallasCall,
     code_table,
     dequantize_tile,
     double_quant_args,
-    drop_alias_input,
     load_absmax,
     resolve_interpret,
 )
-from qlora_jax.kernels.dequantize import (
-    dequantize as dequantize_kernel,
-)
+from qlora_jax.kernels.dequantize import dequantize as dequantize_kernel
+from qlora_jax.kernels.dispatch import Dispatch, for_device
 
 IMPLS = ("auto", "pallas", "pallas_decode", "pallas_dequant", "xla")
 KERNEL_BLOCK_SIZES = (32, 64, 128, 256)  # quantization block sizes the fused kernels take
@@ -176,48 +178,48 @@ def _compiler_params(bs: QMatmulBlockSizes):
     return plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages)
 
 
-def _launch(kernel, act2d, qt, block_sizes, interpret, out, *, out_cols, tile_cols, name):
-    """Run a fused kernel over row tiles of ``act2d`` (padded to ``block_m``) and column tiles of
-    width ``tile_cols``; ``out`` (tests): a poison buffer the kernel writes into (aliased)."""
+def _tiled_call(kernel, act2d, qt, block_sizes, interpret, *, out_cols, tile_cols, name) -> PallasCall:
+    """A fused kernel over row tiles of ``act2d`` (padded to ``block_m``) and column tiles of
+    width ``tile_cols``; the padded rows are cut off the result."""
     m, bm = act2d.shape[0], block_sizes.block_m
     padded = _pad_rows(act2d, bm)
     w_args, meta = _weight_args(qt)
     args = (padded, *w_args)
-    kernel = functools.partial(kernel, qt_meta=meta, interpret=interpret)
-    aliases = {}
-    if out is not None:
-        args = (*args, _pad_rows(out, bm))
-        aliases = {len(args) - 1: 0}
-        kernel = functools.partial(drop_alias_input, kernel)
-    y = pl.pallas_call(
-        kernel,
+    params = dict(
         out_shape=jax.ShapeDtypeStruct((padded.shape[0], out_cols), act2d.dtype),
         grid=(padded.shape[0] // bm, out_cols // tile_cols),
         in_specs=[pl.no_block_spec] * len(args),
         out_specs=pl.BlockSpec((bm, tile_cols), lambda i, j: (i, j)),
-        input_output_aliases=aliases,
         interpret=interpret,
         compiler_params=_compiler_params(block_sizes),
         name=f"{name}_{qt.quant_type}{'_dq' if qt.double_quant else ''}",
-    )(*args)
-    return y[:m]
+    )
+    return PallasCall(functools.partial(kernel, qt_meta=meta, interpret=interpret), args, params, lambda y: y[:m])
 
 
-def qmatmul_fwd_pallas(x2d, qt, block_sizes: QMatmulBlockSizes, interpret: bool, out=None):
-    """``[M, K] @ dequant(W[N, K]).T -> [M, N]`` in x's dtype. ``out``: poison buffer (tests)."""
+def _fwd_call(x2d, qt, block_sizes: QMatmulBlockSizes, interpret: bool) -> PallasCall:
     bm, bn = block_sizes.block_m, block_sizes.block_n
     kernel = functools.partial(_qmatmul_fwd_kernel, block_m=bm, block_n=bn)
-    return _launch(kernel, x2d, qt, block_sizes, interpret, out, out_cols=qt.shape[0], tile_cols=bn, name="qmatmul_fwd")
+    return _tiled_call(kernel, x2d, qt, block_sizes, interpret, out_cols=qt.shape[0], tile_cols=bn, name="qmatmul_fwd")
 
 
-def qmatmul_bwd_pallas(dy2d, qt, block_sizes: QMatmulBlockSizes, interpret: bool, out=None):
-    """``[M, N] @ dequant(W[N, K]) -> [M, K]`` in dy's dtype. ``out``: poison buffer (tests)."""
+def _bwd_call(dy2d, qt, block_sizes: QMatmulBlockSizes, interpret: bool) -> PallasCall:
     n, k = qt.shape
     bm, bn = block_sizes.block_m, block_sizes.block_n
     kernel = functools.partial(_qmatmul_bwd_kernel, block_m=bm, block_n=bn, n_tiles=n // bn)
-    return _launch(
-        kernel, dy2d, qt, block_sizes, interpret, out, out_cols=k, tile_cols=qt.block_size, name="qmatmul_bwd"
+    return _tiled_call(
+        kernel, dy2d, qt, block_sizes, interpret, out_cols=k, tile_cols=qt.block_size, name="qmatmul_bwd"
     )
+
+
+def qmatmul_fwd_pallas(x2d, qt, block_sizes: QMatmulBlockSizes, interpret: bool):
+    """``[M, K] @ dequant(W[N, K]).T -> [M, N]`` in x's dtype."""
+    return _fwd_call(x2d, qt, block_sizes, interpret)()
+
+
+def qmatmul_bwd_pallas(dy2d, qt, block_sizes: QMatmulBlockSizes, interpret: bool):
+    """``[M, N] @ dequant(W[N, K]) -> [M, K]`` in dy's dtype."""
+    return _bwd_call(dy2d, qt, block_sizes, interpret)()
 
 
 # --- Reference and the dispatching, differentiable public function ------------------------------
@@ -297,20 +299,24 @@ def _qmatmul_bwd(impl, block_sizes, interpret, qt, dy2d):
 _qmatmul.defvjp(_qmatmul_fwd, _qmatmul_bwd)
 
 
-def choose_impl(m: int, x_dtype, qt: quant.QuantizedTensor) -> str:
-    """What ``impl="auto"`` runs for ``m`` rows of activations: this device kind's entry in the
-    measured table (:mod:`qlora_jax.kernels.dispatch`); the XLA path where it has none, off GPU,
-    and for shapes or dtypes the kernels do not take."""
-    if jax.default_backend() != "gpu" or not kernel_supports(x_dtype, qt):
+def choose_impl(m: int, x_dtype, qt: quant.QuantizedTensor, dispatch: Dispatch | None = None) -> str:
+    """The qmatmul implementation ``dispatch`` runs for ``m`` rows of ``x_dtype`` against ``qt``:
+    its rule for ``m``, or the XLA path for shapes or dtypes the kernels do not take.
+    ``dispatch=None``: :func:`~qlora_jax.kernels.dispatch.for_device` (the default device, now)."""
+    if dispatch is None:
+        dispatch = for_device()
+    if not kernel_supports(x_dtype, qt):
         return "xla"
-    return dispatch.qmatmul_impl(m)
+    impl = dispatch.qmatmul_impl(m)
+    # a table's decode bound is at most DECODE_MAX_M, but M = 0 (an empty batch) is below its range
+    return "xla" if impl == "pallas_decode" and not decode.kernel_supports(m, x_dtype, qt) else impl
 
 
 def qmatmul(
     x: jax.Array,
     qt: quant.QuantizedTensor,
     *,
-    impl: str = "auto",
+    impl: str | Dispatch = "auto",
     interpret: bool | None = None,
     block_sizes: QMatmulBlockSizes | None = None,
 ) -> jax.Array:
@@ -319,10 +325,13 @@ def qmatmul(
     Args:
       x: activations ``[..., in]`` (bf16 or fp16 for the kernels; any float for "xla").
       qt: the frozen weight, a 2-D QuantizedTensor of shape ``[out, in]``.
-      impl: ``"auto"`` (:func:`choose_impl`: what the measured per-device table names for this
-        M, else the XLA path), ``"pallas"`` (tiled fused kernels), ``"pallas_decode"`` (the split-K
-        decode kernel of :mod:`qlora_jax.kernels.decode`, M <= 16; its backward is the XLA path),
-        ``"pallas_dequant"`` (dequantize kernel + XLA GEMM) or ``"xla"`` (:func:`qmatmul_reference`).
+      impl: a :class:`~qlora_jax.kernels.dispatch.Dispatch` (:func:`choose_impl`: its rule for this
+        M, the XLA path for shapes the kernels do not take); ``"auto"``, short for
+        ``dispatch.for_device()`` resolved when called (at trace time under ``jit``); or one impl
+        by name, which raises for shapes it does not take: ``"pallas"`` (tiled fused kernels),
+        ``"pallas_decode"`` (the split-K decode kernel of :mod:`qlora_jax.kernels.decode`,
+        M <= 16; its backward is the XLA path), ``"pallas_dequant"`` (dequantize kernel + XLA GEMM)
+        or ``"xla"`` (:func:`qmatmul_reference`).
       interpret: run Pallas kernels in interpret mode; ``None`` = on non-GPU backends.
       block_sizes: tiling of the fused kernels; default :meth:`QMatmulBlockSizes.for_shape`.
 
@@ -330,8 +339,8 @@ def qmatmul(
       ``[..., out]`` in x's dtype, accumulated in float32. ``jax.grad`` flows to ``x``; the
       weight's cotangent is zero by design (it is frozen).
     """
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
+    if not isinstance(impl, Dispatch) and impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS} or a Dispatch; got {impl!r}")
     if not isinstance(qt, quant.QuantizedTensor) or len(qt.shape) != 2:
         raise ValueError(f"qmatmul needs a 2-D QuantizedTensor [out, in]; got {getattr(qt, 'shape', type(qt))}")
     n, k = qt.shape
@@ -342,10 +351,12 @@ def qmatmul(
     lead = x.shape[:-1]
     x2d = x.reshape(-1, k)
     if impl == "auto":
-        impl = choose_impl(x2d.shape[0], x.dtype, qt)
+        impl = for_device()
+    if isinstance(impl, Dispatch):
+        impl = choose_impl(x2d.shape[0], x.dtype, qt, impl)
     elif impl == "pallas_decode" and not decode.kernel_supports(x2d.shape[0], x.dtype, qt):
         raise ValueError(
-            f"impl='pallas_decode' takes 1..{decode.MAX_M} rows of x (all leading dimensions together) against a "
+            f"impl='pallas_decode' takes 1..{DECODE_MAX_M} rows of x (all leading dimensions together) against a "
             f"weight the kernels take; got x {x.shape} ({x2d.shape[0]} rows) and weight {qt.shape} (block_size "
             f"{qt.block_size}). Use impl='auto', 'pallas' or 'xla'."
         )

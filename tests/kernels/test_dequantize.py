@@ -2,13 +2,15 @@
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from kernel_config import INTERPRET
+from kernel_config import INTERPRET, run_poisoned
 
 from qlora_jax import kernels, quant
-from qlora_jax.kernels.dequantize import DequantizeBlockSizes, dequantize_pallas, kernel_supports
+from qlora_jax.kernels import dispatch
+from qlora_jax.kernels.dequantize import DequantizeBlockSizes, _dequantize_call, kernel_supports
 
 
 def _qt(rng, shape, quant_type, dq, block_size=64):
@@ -27,9 +29,8 @@ SMALL = DequantizeBlockSizes(blocks_per_tile=64, blocks_per_step=16)
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4"])
 def test_kernel_equals_reference(fresh_rng, quant_type, dq, dtype, lookup):
     qt = _qt(fresh_rng, (64, 256), quant_type, dq)
-    poison = jnp.full(qt.shape, jnp.nan, dtype)  # elements the kernel fails to write stay NaN
     bs = dataclasses.replace(SMALL, lookup=lookup)
-    y = dequantize_pallas(qt, dtype, block_sizes=bs, interpret=INTERPRET, out=poison)
+    y = run_poisoned(_dequantize_call(qt, dtype, bs, INTERPRET))
     ref = kernels.dequantize_reference(qt, dtype)
     assert y.dtype == ref.dtype and y.shape == ref.shape
     np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(ref, np.float32))
@@ -65,9 +66,37 @@ def test_auto_uses_reference_off_gpu_and_for_unsupported_shapes(fresh_rng):
 def test_default_tiling_equals_reference(fresh_rng):
     # 1024 blocks: the default 256-block tiles (4 programs) in 8 steps of 32
     qt = _qt(fresh_rng, (256, 256), "nf4", True)
-    poison = jnp.full(qt.shape, jnp.nan, jnp.bfloat16)
-    y = dequantize_pallas(qt, "bfloat16", interpret=INTERPRET, out=poison)
+    y = run_poisoned(_dequantize_call(qt, "bfloat16", DequantizeBlockSizes(), INTERPRET))
     np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(quant.dequantize(qt, jnp.bfloat16), np.float32))
+
+
+def test_poison_shows_a_tile_the_kernel_skips(fresh_rng):
+    """The poisoned-output check itself: the kernel launched on a grid one program short fails it."""
+    call = _dequantize_call(_qt(fresh_rng, (64, 256), "nf4", True), "bfloat16", SMALL, INTERPRET)
+    assert call.params["grid"] == (4,)
+    with pytest.raises(AssertionError, match=r"4096 of 16384 output elements are NaN"):
+        run_poisoned(dataclasses.replace(call, params={**call.params, "grid": (3,)}))
+
+
+def _runs(f, *args) -> str:
+    """Which dequantize ``f`` traces to: the kernel's name, else "xla"."""
+    jaxpr = str(jax.make_jaxpr(f)(*args))
+    for name in ("dequantize_mosaic", "dequantize_nf4"):
+        if name in jaxpr:
+            return name
+    assert "pallas_call" not in jaxpr
+    return "xla"
+
+
+def test_a_dispatch_chooses_and_falls_back_for_shapes_the_kernel_does_not_take(fresh_rng):
+    big = _qt(fresh_rng, (64, 256), "nf4", True)  # 256 blocks
+    few = _qt(fresh_rng, (8, 64), "nf4", True)  # 8 blocks: under the kernel's 16
+    pallas = dispatch.Dispatch(dequantize="pallas")
+    assert _runs(lambda q: kernels.dequantize(q, impl=pallas, interpret=INTERPRET), big) == "dequantize_nf4"
+    assert _runs(lambda q: kernels.dequantize(q, impl=pallas, interpret=INTERPRET), few) == "xla"
+    assert _runs(lambda q: kernels.dequantize(q, impl=dispatch.XLA), big) == "xla"
+    with pytest.raises(ValueError, match="at least 16 blocks"):
+        kernels.dequantize(few, impl="pallas", interpret=INTERPRET)  # a name is taken at its word
 
 
 @pytest.mark.parametrize(

@@ -164,13 +164,21 @@ def test_lowers_for_cuda(quant_type, dq, dtype, block_size):
     assert exported.out_avals[0].shape == (4096, 4096) and exported.out_avals[0].dtype == jnp.dtype(dtype)
 
 
-def test_public_dequantize_runs_it_and_auto_follows_the_table(fresh_rng, monkeypatch):
+def test_public_dequantize_runs_it_when_named_or_dispatched(fresh_rng):
     from qlora_jax import kernels
     from qlora_jax.kernels import dispatch
 
     qt = _qt(fresh_rng, (128, 256), "nf4", True)
     y = kernels.dequantize(qt, jnp.bfloat16, impl="mosaic_gpu", interpret=INTERPRET)
     np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(quant.dequantize(qt, jnp.bfloat16), np.float32))
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    with dispatch.override({"devices": {jax.devices()[0].device_kind: {"dequantize": "mosaic_gpu"}}}):
-        assert dispatch.dequantize_impl() == "mosaic_gpu"
+    hopper = type("Device", (), {"platform": "gpu", "device_kind": "NVIDIA H100 80GB HBM3"})()
+    choice = dispatch.for_device(hopper, {"devices": {hopper.device_kind: {"dequantize": "mosaic_gpu"}}})
+    assert choice == dispatch.Dispatch(dequantize="mosaic_gpu")
+
+    def runs(q):
+        return str(jax.make_jaxpr(lambda q: kernels.dequantize(q, jnp.bfloat16, impl=choice, interpret=INTERPRET))(q))
+
+    assert "name=dequantize_mosaic_nf4_dq_bfloat16" in runs(qt)
+    # 64 blocks are not a multiple of 128: the Mosaic kernel does not take them, the Triton one does
+    few = _qt(fresh_rng, (64, 64), "nf4", True)
+    assert "dequantize_mosaic" not in runs(few) and "name=dequantize_nf4_dq_table" in runs(few)

@@ -8,17 +8,12 @@ import jax.ad_checkpoint
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from kernel_config import INTERPRET, MATMUL_RTOL
+from kernel_config import INTERPRET, MATMUL_RTOL, run_poisoned
 
 from qlora_jax import kernels, quant
 from qlora_jax.kernels import dispatch
-from qlora_jax.kernels.qmatmul import (
-    QMatmulBlockSizes,
-    choose_impl,
-    kernel_supports,
-    qmatmul_bwd_pallas,
-    qmatmul_fwd_pallas,
-)
+from qlora_jax.kernels.dispatch import Dispatch
+from qlora_jax.kernels.qmatmul import QMatmulBlockSizes, _bwd_call, _fwd_call, choose_impl, kernel_supports
 
 N, K = 128, 256  # small: interpret mode costs about one copy of the inputs per grid step
 
@@ -44,8 +39,7 @@ def test_forward_matches_float64(fresh_rng, quant_type, dq, m, dtype):
     qt = _weight(fresh_rng, quant_type, dq)
     x = jnp.asarray(fresh_rng.standard_normal((m, K)), dtype)
     bs = QMatmulBlockSizes.for_shape(m, N)
-    poison = jnp.full((m, N), jnp.nan, dtype)
-    y = qmatmul_fwd_pallas(x, qt, bs, INTERPRET, out=poison)
+    y = run_poisoned(_fwd_call(x, qt, bs, INTERPRET))  # the rows padding x to block_m too
     assert y.shape == (m, N) and y.dtype == dtype
     want = np.asarray(x, np.float64) @ _w64(qt).T
     assert _rel_err(y, want) <= MATMUL_RTOL[dtype]
@@ -58,8 +52,7 @@ def test_backward_kernel_matches_float64(fresh_rng, quant_type, dq, m, dtype):
     qt = _weight(fresh_rng, quant_type, dq)
     dy = jnp.asarray(fresh_rng.standard_normal((m, N)), dtype)
     bs = QMatmulBlockSizes.for_shape(m, N)
-    poison = jnp.full((m, K), jnp.nan, dtype)
-    dx = qmatmul_bwd_pallas(dy, qt, bs, INTERPRET, out=poison)
+    dx = run_poisoned(_bwd_call(dy, qt, bs, INTERPRET))
     assert dx.shape == (m, K) and dx.dtype == dtype
     assert _rel_err(dx, np.asarray(dy, np.float64) @ _w64(qt)) <= MATMUL_RTOL[dtype]
 
@@ -119,33 +112,112 @@ def test_backward_keeps_only_the_4bit_weight(fresh_rng, capsys):
     assert saved == sorted([f"u8[{N * K // 2}]", f"u8[{N * K // 64}]", "f32[2]", "f32[]"])
 
 
-def test_auto_dispatch(monkeypatch, fresh_rng):
+class _Device:
+    """What ``dispatch.for_device`` reads of a ``jax.Device``."""
+
+    def __init__(self, platform, device_kind):
+        self.platform, self.device_kind = platform, device_kind
+
+
+H200 = _Device("gpu", "NVIDIA H200")
+
+
+def _runs(f, *args) -> str:
+    """Which implementation the jaxpr of ``f`` holds: a Pallas kernel's name prefix, else "xla"."""
+    jaxpr = str(jax.make_jaxpr(f)(*args))
+    for name in ("qmatmul_decode", "qmatmul_fwd", "dequantize_nf4"):
+        if f"name={name}_" in jaxpr:
+            return name
+    assert "pallas_call" not in jaxpr
+    return "xla"
+
+
+def test_a_dispatch_passed_in_chooses_the_kernel_per_m(fresh_rng):
+    qt = _weight(fresh_rng)
+    choice = dispatch.for_device(
+        H200, {"devices": {"NVIDIA H200": {"qmatmul": [[16, "pallas_decode"], [None, "pallas"]]}}}
+    )
+    assert choice == Dispatch("xla", ((16, "pallas_decode"), (None, "pallas")))
+    run = jax.jit(kernels.qmatmul, static_argnames=("impl", "interpret"))  # a Dispatch is a static argument
+    for m, want in [(1, "qmatmul_decode"), (4, "qmatmul_decode"), (16, "qmatmul_decode"), (32, "qmatmul_fwd")]:
+        x = jnp.asarray(fresh_rng.standard_normal((m, K)), jnp.bfloat16)
+        assert _runs(lambda x: run(x, qt, impl=choice, interpret=INTERPRET), x) == want, m
+    x = jnp.asarray(fresh_rng.standard_normal((4, K)), jnp.bfloat16)
+    y = run(x, qt, impl=choice, interpret=INTERPRET)
+    assert _rel_err(y, np.asarray(x, np.float64) @ _w64(qt).T) <= MATMUL_RTOL[jnp.bfloat16]
+    # another Dispatch is another key of jit's cache: the same x traces to another kernel
+    dequant = Dispatch("pallas", ((None, "pallas_dequant"),))
+    assert _runs(lambda x: run(x, qt, impl=dequant, interpret=INTERPRET), x) == "dequantize_nf4"
+    assert _runs(lambda x: run(x, qt, impl=dispatch.XLA, interpret=INTERPRET), x) == "xla"
+
+
+def test_choose_impl_follows_the_dispatch_and_the_shapes_the_kernels_take(fresh_rng):
+    qt = _weight(fresh_rng)
+    rules = [[1, "pallas_decode"], [16, "pallas"], [None, "pallas_dequant"]]
+    measured = {"devices": {"NVIDIA H200": {"dequantize": "pallas", "qmatmul": rules},
+                            "another card": {"qmatmul": [[None, "pallas"]]}}}  # fmt: skip
+    d = dispatch.for_device(H200, measured)
+    assert d.dequantize == "pallas"
+    assert [choose_impl(m, jnp.bfloat16, qt, d) for m in (1, 2, 16, 17, 4096)] == (
+        ["pallas_decode", "pallas", "pallas", "pallas_dequant", "pallas_dequant"]
+    )
+    assert choose_impl(0, jnp.bfloat16, qt, d) == "xla"  # an empty batch: not the decode kernel's 1..16
+    assert choose_impl(1, jnp.float32, qt, d) == "xla"  # kernels take bf16/fp16 activations
+    big_block = quant.quantize(np.ones((N, 4096), np.float32), "nf4", 4096, True)
+    assert choose_impl(1, jnp.bfloat16, big_block, d) == "xla"
+    short = dispatch.for_device(H200, {"devices": {"NVIDIA H200": {"qmatmul": [[16, "pallas"]]}}})
+    assert choose_impl(17, jnp.bfloat16, qt, short) == "xla"  # past the last bound: the XLA path
+    assert short.dequantize == "xla"
+    # a kind the table does not list, and the committed table (no card verified yet): the XLA path
+    assert dispatch.for_device(_Device("gpu", "unlisted card"), measured) is dispatch.XLA
+    assert dispatch.for_device(H200) == dispatch.XLA == Dispatch.xla() == Dispatch()
+
+
+def test_auto_is_for_device_resolved_when_called(fresh_rng):
+    """Off GPU every table gives the XLA path, even one naming this very device kind: the kernels
+    are GPU kernels. "auto" is for_device() of the default device."""
     qt = _weight(fresh_rng)
     x = jnp.asarray(fresh_rng.standard_normal((4, K)), jnp.bfloat16)
-    if jax.default_backend() != "gpu":
+    here = jax.devices()[0]
+    everything = {"devices": {here.device_kind: {"dequantize": "pallas", "qmatmul": [[None, "pallas"]]}}}
+    if here.platform == "cpu":
+        assert dispatch.for_device(here, everything) is dispatch.XLA
         assert choose_impl(4, jnp.bfloat16, qt) == "xla"
-        assert "pallas_call" not in str(jax.make_jaxpr(lambda x: kernels.qmatmul(x, qt))(x))
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    # a device kind without an entry in the committed table (none is verified yet): the XLA path
-    assert choose_impl(1, jnp.bfloat16, qt) == "xla" and choose_impl(4096, jnp.bfloat16, qt) == "xla"
-    kind = jax.devices()[0].device_kind
-    measured = {"devices": {kind: {"dequantize": "pallas",
-                                   "qmatmul": [[1, "pallas_decode"], [16, "pallas"], [None, "pallas_dequant"]]},
-                            "another card": {"qmatmul": [[None, "pallas"]]}}}  # fmt: skip
-    with dispatch.override(measured):
-        assert choose_impl(1, jnp.bfloat16, qt) == "pallas_decode"
-        assert choose_impl(2, jnp.bfloat16, qt) == "pallas"
-        assert choose_impl(16, jnp.bfloat16, qt) == "pallas"
-        assert choose_impl(17, jnp.bfloat16, qt) == "pallas_dequant"
-        assert choose_impl(4096, jnp.bfloat16, qt) == "pallas_dequant"
-        assert dispatch.dequantize_impl() == "pallas"
-        assert choose_impl(1, jnp.float32, qt) == "xla"  # kernels take bf16/fp16 activations
-        big_block = quant.quantize(np.ones((N, 4096), np.float32), "nf4", 4096, True)
-        assert choose_impl(1, jnp.bfloat16, big_block) == "xla"
-    with dispatch.override({"devices": {kind: {"qmatmul": [[16, "pallas"]]}}}):
-        assert choose_impl(17, jnp.bfloat16, qt) == "xla"  # past the last bound: the XLA path
-        assert dispatch.dequantize_impl() == "xla"
-    assert choose_impl(1, jnp.bfloat16, qt) == "xla"  # the override ends with its block
+        assert _runs(lambda x: kernels.qmatmul(x, qt), x) == "xla"
+    else:
+        assert dispatch.for_device(here, everything) == Dispatch("pallas", ((None, "pallas"),))
+    assert dispatch.for_device() == dispatch.for_device(here)
+    assert _runs(lambda x: kernels.qmatmul(x, qt), x) == _runs(
+        lambda x: kernels.qmatmul(x, qt, impl=dispatch.for_device()), x
+    )
+
+
+def test_the_kernels_hold_no_mutable_module_state():
+    """What chooses a kernel is the Dispatch passed in: no module of the package keeps a list, dict
+    or set that a call could read or change (as ``dispatch.override``'s stack once was)."""
+    import importlib
+    import pkgutil
+
+    import qlora_jax.kernels as package
+
+    names = ["qlora_jax.kernels"] + [f"qlora_jax.kernels.{m.name}" for m in pkgutil.iter_modules(package.__path__)]
+    assert "qlora_jax.kernels.dispatch" in names and "qlora_jax.kernels._common" in names
+    for name in names:
+        module = importlib.import_module(name)
+        for attr, value in vars(module).items():
+            if not attr.startswith("__"):
+                assert not isinstance(value, list | dict | set | bytearray), f"{name}.{attr}"
+
+
+def test_a_dispatch_is_a_flax_module_attribute(fresh_rng):
+    """LoRADense passes its ``impl`` to qmatmul: a Dispatch there selects the kernel."""
+    from qlora_jax.nn import LoRADense, QuantConfig
+
+    x = jnp.asarray(fresh_rng.standard_normal((3, K)), jnp.bfloat16)
+    layer = LoRADense(N, quant=QuantConfig(), impl=Dispatch(qmatmul=((None, "pallas"),)))
+    variables = layer.init(jax.random.key(0), x)
+    assert _runs(lambda x: layer.apply(variables, x), x) == "qmatmul_fwd"
+    assert _runs(lambda x: layer.clone(impl=dispatch.XLA).apply(variables, x), x) == "xla"
 
 
 @pytest.mark.parametrize(
@@ -161,8 +233,30 @@ def test_auto_dispatch(monkeypatch, fresh_rng):
     ],
 )
 def test_dispatch_table_entries_are_checked(entry, message):
-    with pytest.raises(ValueError, match=message), dispatch.override({"devices": {"k": entry}}):
-        pass
+    with pytest.raises(ValueError, match=message):
+        dispatch.for_device(H200, {"devices": {"k": entry}})  # checked though it is not this device's
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(dequantize="triton"), r"Dispatch.dequantize must be one of"),
+        (dict(qmatmul=((16, "pallas_decode"), (8, "pallas"))), r"Dispatch.qmatmul: max_m must ascend"),
+        (dict(qmatmul=((32, "pallas_decode"),)), r"Dispatch.qmatmul\[0\]: pallas_decode takes M <= 16"),
+        (dict(qmatmul=((True, "pallas"),)), r"max_m must be a positive int or null; got True"),
+        (dict(qmatmul="pallas"), r"Dispatch.qmatmul must be a sequence of \(max_m, impl\) rules"),
+    ],
+)
+def test_a_dispatch_is_checked_when_built(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Dispatch(**kwargs)
+
+
+def test_a_dispatch_hashes_by_value():
+    a = Dispatch("pallas", [[16, "pallas_decode"], [None, "pallas"]])  # lists, as in the JSON file
+    b = Dispatch("pallas", ((16, "pallas_decode"), (None, "pallas")))
+    assert a == b and hash(a) == hash(b) and a.qmatmul == b.qmatmul
+    assert a != Dispatch("xla", b.qmatmul)
 
 
 def test_committed_dispatch_table_is_valid_and_lists_only_verified_devices():
