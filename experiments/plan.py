@@ -1,7 +1,11 @@
-r"""Will a QLoRA fine-tune fit? Print the per-device memory plan of :func:`qlora_jax.memory.plan`.
+r"""Will a QLoRA fine-tune fit? Print the per-device memory plan of :func:`qlora_jax.train.memory.plan`.
 
     python -m experiments.plan --model=llama-33b --device_memory=24GB
     python -m experiments.plan --model=/path/to/llama-2-7b-hf --device_memory=80GB --batch=8 --seq_len=1024
+    python -m experiments.plan --model=llama-2-70b --mesh=fsdp=2 --shard_params --batch=2 --accum_steps=1
+
+``--model`` is a preset (:data:`qlora_jax.nn.PRESETS`: LLaMA-1 7b-65b, LLaMA-2 7b/13b/70b) or an HF
+``config.json``. ``--batch`` is global: with ``--mesh=fsdp=2`` one sequence per device is ``--batch=2``.
 
 Defaults are the QLoRA recipe: NF4 + double quantization, LoRA r=64 on all seven linears in bf16,
 paged AdamW updating 256 MiB of moments at a time (``configs/llama_alpaca.py``), batch 1, seq 512,
@@ -19,38 +23,27 @@ r=64 on all seven linears, which is 160 M params = 320 MB in bf16.
 
 from __future__ import annotations
 
-import json
-import os
 import re
 
-import numpy as np
 from absl import app, flags
 
 from experiments.configs import tiny
-from qlora_jax import memory
-from qlora_jax.nn import LlamaConfig, LoRAConfig, QuantConfig
+from qlora_jax.nn import PRESETS, LoRAConfig, QuantConfig, model_config
 from qlora_jax.quant import bits_per_param
+from qlora_jax.train import memory
 from qlora_jax.train.validate import ConfigError, validate_config
 
-# LLaMA-1 shapes (Touvron et al. 2023, table 2): (hidden, intermediate, layers, heads).
-BUILTIN = {
-    "llama-7b": (4096, 11008, 32, 32),
-    "llama-13b": (5120, 13824, 40, 40),
-    "llama-33b": (6656, 17920, 60, 52),
-    "llama-30b": (6656, 17920, 60, 52),
-    "llama-65b": (8192, 22016, 80, 64),
-}
 PAPER_LLAMA7B_BASE_MB = 5048
 PAPER_LLAMA7B_LORA_MB = 26
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20}
 _UNITS |= {"gib": 2**30, "tib": 2**40}
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "llama-7b", f"HF config.json, a directory with one, or one of {sorted(BUILTIN)}")
+flags.DEFINE_string("model", "llama-7b", f"HF config.json, a directory with one, or one of {sorted(PRESETS)}")
 flags.DEFINE_string(
     "device_memory", "24GiB", "memory of one device: 24GiB (2^30), 24GB (10^9), 80e9; a '24 GB' GPU has 24 GiB"
 )
-flags.DEFINE_integer("batch", 1, "global micro-batch (sequences)")
+flags.DEFINE_integer("batch", 1, "global micro-batch (sequences, over all devices of the mesh)")
 flags.DEFINE_integer("seq_len", 512, "tokens per sequence")
 flags.DEFINE_integer("accum_steps", 16, "gradient accumulation micro-batches (adds the gradient accumulator)")
 flags.DEFINE_integer("rank", 64, "LoRA rank")
@@ -80,22 +73,6 @@ def parse_bytes(text: str, flag: str = "device_memory") -> int:
     if value <= 0:
         raise ValueError(f"--{flag}: must be positive; got {text!r}")
     return int(value)
-
-
-def model_config(name_or_path: str) -> LlamaConfig:
-    """A built-in LLaMA-1 name, or an HF ``config.json`` (or a directory holding one)."""
-    if name_or_path.lower() in BUILTIN:
-        d, f, layers, heads = BUILTIN[name_or_path.lower()]
-        return LlamaConfig(
-            vocab_size=32000, hidden_size=d, intermediate_size=f, num_hidden_layers=layers,
-            num_attention_heads=heads, num_key_value_heads=heads, rms_norm_eps=1e-6,
-            max_position_embeddings=2048, tie_word_embeddings=False,
-        )  # fmt: skip
-    path = os.path.join(name_or_path, "config.json") if os.path.isdir(name_or_path) else name_or_path
-    if not os.path.isfile(path):
-        raise ValueError(f"--model: {name_or_path!r} is neither a built-in ({sorted(BUILTIN)}) nor a config.json")
-    with open(path) as fp:
-        return LlamaConfig.from_hf(json.load(fp), source=path)
 
 
 # The flags that are fine-tune config keys: the planner accepts exactly what training accepts.
@@ -149,14 +126,12 @@ def build_plan(argv_flags=None) -> memory.MemoryPlan:
 
 def paper_comparison() -> str:
     """Our LLaMA-7B base and adapter bytes beside the paper's figures (see the module docstring)."""
-    cfg = model_config("llama-7b")
-    fb = memory.frozen_bytes(cfg, QuantConfig())
-    lora = memory.lora_shapes(cfg, LoRAConfig())
-    params = sum(int(np.prod(shape)) for shape in lora)
+    p = memory.plan(model_config("llama-7b"))  # NF4+DQ, r=64 bf16 adapters
+    params = p.adapters // 2  # bf16
     return "\n".join([
         f"NF4+DQ bits/param of a linear: {bits_per_param(64, True, 256):.4f} (paper: 4.127)",
-        f"LLaMA-7B base: {fb.quantized / 1e6:,.0f} MB 4-bit linears + {fb.other / 1e6:,.0f} MB bf16 = "
-        f"{(fb.quantized + fb.other) / 1e6:,.0f} MB (paper: {PAPER_LLAMA7B_BASE_MB:,} MB)",
+        f"LLaMA-7B base: {p.frozen_quantized / 1e6:,.0f} MB 4-bit linears + {p.frozen_other / 1e6:,.0f} MB bf16 = "
+        f"{(p.frozen_quantized + p.frozen_other) / 1e6:,.0f} MB (paper: {PAPER_LLAMA7B_BASE_MB:,} MB)",
         f"LLaMA-7B LoRA r=64, 7 linears: {params / 1e6:.1f} M params = {2 * params / 1e6:,.0f} MB bf16 "
         f"(paper: {PAPER_LLAMA7B_LORA_MB} MB for adapters of 0.2 % of the weights)",
     ])  # fmt: skip

@@ -87,10 +87,11 @@ def check_batch_size(mesh: Mesh, batch_size: int, what: str = "config.train.batc
         )
 
 
-def _spec_largest_divisible(shape: tuple[int, ...], ways: int) -> P:
+def _spec_largest_divisible(shape: tuple[int, ...], ways: int, skip_leading: bool = False) -> P:
     if ways == 1:
         return P()
-    dims = sorted(range(len(shape)), key=lambda d: -shape[d])
+    first = 1 if skip_leading and len(shape) > 1 else 0
+    dims = sorted(range(first, len(shape)), key=lambda d: -shape[d])
     for d in dims:
         if shape[d] % ways == 0:
             spec = [None] * len(shape)
@@ -99,22 +100,34 @@ def _spec_largest_divisible(shape: tuple[int, ...], ways: int) -> P:
     return P()
 
 
+def _check_mode(mode: str, what: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"{what} must be one of {MODES}; got {mode!r}")
+
+
+def array_spec(shape: tuple[int, ...], fsdp: int, mode: str, what: str = "sharding mode", stacked: bool = False) -> P:
+    """The rule for one plain array of ``shape`` under ``mode`` on ``fsdp`` devices.
+
+    ``stacked``: a scanned layer's leaf ``[L, ...]``; its layer axis is never split, so every
+    device holds a piece of every layer (the loader fills one layer at a time).
+    """
+    _check_mode(mode, what)
+    return P() if mode == "replicated" else _spec_largest_divisible(tuple(shape), fsdp, skip_leading=stacked)
+
+
 def array_sharding(x, mesh: Mesh, mode: str, what: str = "sharding mode") -> NamedSharding:
     """The sharding rule for one plain array under ``mode`` (``"replicated"`` | ``"fsdp"``).
 
     The array's memory kind (``pinned_host`` for paged moments) is kept.
     """
-    if mode not in MODES:
-        raise ValueError(f"{what} must be one of {MODES}; got {mode!r}")
     kind = getattr(getattr(x, "sharding", None), "memory_kind", None)
-    spec = P() if mode == "replicated" else _spec_largest_divisible(tuple(np.shape(x)), mesh.shape["fsdp"])
-    return NamedSharding(mesh, spec, memory_kind=kind)
+    return NamedSharding(mesh, array_spec(tuple(np.shape(x)), mesh.shape["fsdp"], mode, what), memory_kind=kind)
 
 
 def quantized_splits(shape: tuple[int, ...], block_size: int, nested_block_size: int | None, fsdp: int) -> bool:
     """Whether an ``[out, in]`` QuantizedTensor splits over ``fsdp`` devices into whole rows,
     whole quantization blocks and (with double quantization, ``nested_block_size`` not None)
-    whole nested blocks: the rule of :func:`quantized_sharding` and of ``qlora_jax.memory``."""
+    whole nested blocks: the rule of :func:`quantized_spec`."""
     if fsdp == 1 or len(shape) != 2 or shape[0] % fsdp:
         return False
     shard = shape[0] // fsdp * shape[1]
@@ -123,38 +136,79 @@ def quantized_splits(shape: tuple[int, ...], block_size: int, nested_block_size:
     return nested_block_size is None or (shard // block_size) % nested_block_size == 0
 
 
-def quantized_sharding(qt: QuantizedTensor, mesh: Mesh) -> QuantizedTensor:
-    """A QuantizedTensor of NamedShardings: its ``out`` rows split block-aligned over ``fsdp``
+def quantized_spec(qt: QuantizedTensor, fsdp: int) -> QuantizedTensor:
+    """A QuantizedTensor of PartitionSpecs: its ``out`` rows split block-aligned over ``fsdp``
     (each layer's, when layers are stacked for a scan).
 
     A tensor is split only when :func:`quantized_splits`: every device then gets whole rows, whole
     quantization blocks and whole nested blocks, so each device's pieces form a QuantizedTensor of
     ``out / fsdp`` rows on their own; the offset is replicated. Otherwise it is replicated.
+    ``qt`` may be abstract (ShapeDtypeStruct leaves).
     """
-    rep = NamedSharding(mesh, P())
-    whole = quantized_splits(qt.shape, qt.block_size, qt.nested_block_size, mesh.shape["fsdp"])
+    whole = quantized_splits(qt.shape, qt.block_size, qt.nested_block_size, fsdp)
     lead = (None,) * (np.ndim(qt.packed) - 1)  # stacked layers: split each layer's rows, not the layer axis
-    s = NamedSharding(mesh, P(*lead, "fsdp")) if whole else rep
+    s = P(*lead, "fsdp") if whole else P()
     return qt.replace(
         packed=s,
         absmax=s,
         nested_absmax=None if qt.nested_absmax is None else s,
-        offset=None if qt.offset is None else rep,
+        offset=None if qt.offset is None else P(),
     )
+
+
+def quantized_sharding(qt: QuantizedTensor, mesh: Mesh) -> QuantizedTensor:
+    """:func:`quantized_spec` as NamedShardings on ``mesh``."""
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), quantized_spec(qt, mesh.shape["fsdp"]))
+
+
+def base_specs(base, fsdp: int):
+    """PartitionSpecs for the base tree: QuantizedTensors by rows, other arrays by the fsdp rule
+    (a scanned ``layers`` subtree's layer axis kept whole)."""
+
+    def spec(path, x):
+        if is_quantized(x):
+            return quantized_spec(x, fsdp)
+        stacked = bool(path) and getattr(path[0], "key", None) == "layers"
+        return array_spec(tuple(np.shape(x)), fsdp, "fsdp", stacked=stacked)
+
+    return jax.tree_util.tree_map_with_path(spec, base, is_leaf=is_quantized)
 
 
 def frozen_shardings(frozen, mesh: Mesh):
-    """Shardings for the frozen collections: QuantizedTensors by rows, other arrays by the fsdp rule."""
-    return jax.tree.map(
-        lambda x: quantized_sharding(x, mesh) if is_quantized(x) else array_sharding(x, mesh, "fsdp"),
-        frozen,
-        is_leaf=is_quantized,
-    )
+    """Shardings for the base tree (:func:`base_specs` on ``mesh``)."""
+    return to_shardings(base_specs(frozen, mesh.shape["fsdp"]), mesh)
+
+
+def tree_specs(tree, fsdp: int, mode: str, what: str = "sharding mode"):
+    """PartitionSpecs for adapters or optimizer state: every leaf by :func:`array_spec`."""
+    return jax.tree.map(lambda x: array_spec(tuple(np.shape(x)), fsdp, mode, what), tree)
 
 
 def tree_shardings(tree, mesh: Mesh, mode: str, what: str = "sharding mode"):
     """Shardings for adapters or optimizer state: every leaf by :func:`array_sharding`."""
     return jax.tree.map(lambda x: array_sharding(x, mesh, mode, what), tree)
+
+
+def _is_spec(x) -> bool:
+    return isinstance(x, P)
+
+
+def to_shardings(specs, mesh: Mesh, kinds=None):
+    """A tree of PartitionSpecs (and optionally of memory kinds, same structure) -> NamedShardings."""
+    if kinds is None:
+        return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=_is_spec)
+    return jax.tree.map(
+        lambda s, k: NamedSharding(mesh, s, memory_kind=None if k == "device" else k), specs, kinds, is_leaf=_is_spec
+    )
+
+
+def spec_ways(spec: P, mesh_shape) -> int:
+    """Into how many pieces ``spec`` splits an array on a mesh of ``mesh_shape`` ({axis: size})."""
+    ways = 1
+    for entry in spec:
+        for axis in (entry,) if isinstance(entry, str) else (entry or ()):
+            ways *= mesh_shape[axis]
+    return ways
 
 
 def place(tree, shardings):

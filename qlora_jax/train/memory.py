@@ -1,56 +1,61 @@
 """Byte accounting and the "will it fit" planner for QLoRA fine-tuning.
 
 :func:`plan` answers, before anything is allocated, how many bytes one device needs to train a
-model with this repo's train step (``qlora_jax.train.steps.make_train_step``), by component:
+model with this repo's train step (``qlora_jax.train.steps.make_train_step``), by component. The
+exact parts are read off the state the train step holds, not restated:
+:func:`qlora_jax.train.state.state_layout` of the same ``LlamaForCausalLM`` and the same optimizer
+(:func:`qlora_jax.optim.build_optimizer`) builds the abstract ``{base, params, opt_state}``
+(``jax.eval_shape``), its PartitionSpecs (:mod:`qlora_jax.parallel`'s rules) and its memory kinds,
+and the plan sums each device's pieces:
 
-* **frozen base, quantized** — exact: the :class:`~qlora_jax.quant.QuantizedTensor` layout
-  (:func:`quantized_nbytes`) of every linear of every decoder block;
-* **frozen base, other** — exact: embeddings, ``lm_head`` (unless tied), norms and biases, stored
-  in the compute dtype (``LlamaForCausalLM`` initializes and ``load_pretrained`` loads them so);
-* **adapters** — exact: ``lora_a [r, in]`` and ``lora_b [out, r]`` of each target, in
-  ``LoRAConfig.dtype``;
+* **frozen base, quantized** — exact: the base's :class:`~qlora_jax.quant.QuantizedTensor`\\s
+  (codes and block constants), per device as their specs split them;
+* **frozen base, other** — exact: the rest of the base (embeddings, ``lm_head`` unless tied,
+  norms, biases), in the compute dtype;
+* **adapters** — exact: the ``params`` collection (``lora_a``, ``lora_b``), in ``LoRAConfig.dtype``;
 * **gradients** — the adapter-shaped gradient of one micro-batch, plus the accumulator the
   step's ``lax.scan`` carries when ``accum_steps > 1``;
-* **optimizer state** — exact, by memory kind: AdamW keeps ``mu`` and ``nu`` in float32 whatever
-  the adapters' dtype (``optim.float32_moments``, as bitsandbytes' "32-bit" paged AdamW does),
-  8-bit AdamW its codes and block absmax (``optim/adam8bit.py``);
-  :func:`~qlora_jax.optim.paged` moves per-parameter leaves of ``>= min_size`` elements to host;
+* **optimizer state** — exact, by memory kind (``Optimizer.memory_kinds``: paged leaves in
+  ``pinned_host``);
 * **activations** — an estimate for the remat policy (see :func:`activation_bytes`);
 * **optimizer update** — paged state is brought to the device for the update, all of it at once
   with the default ``chunk_bytes=None``; the update runs after the backward pass, so the peak is
-  ``max(backward, update)`` transients on top of what stays resident.
+  ``max(backward, update)`` transients on top of what stays resident;
+* **load** — not part of the step: the base is loaded tensor by tensor straight into its shards,
+  so a device peaks at its final base bytes plus the largest checkpoint tensor's piece (bf16).
 
-The frozen and adapter layouts are derived by the same rules the model uses and are tested equal
-to ``jax.eval_shape(model.init, ...)`` (:func:`abstract_variables`), which also works for a 65B
-model (abstract, ~7 s on a CPU).
-
-Validation (``tests/test_memory.py``): the planner's device total against
+Validation (``tests/train/test_memory.py``): the planner's device total against
 ``argument + output - alias + temp`` of the compiled step's ``memory_analysis()`` — on an H100,
 LLaMA-7B shapes with 4 of 32 blocks, batch 1 x 512, r=64 bf16 adapters, NF4+DQ: remat +2.1 %
 (8 blocks +1.8 %), no remat +6.2 %, paged + 16 accumulation steps +0.8 %; on the CPU, five small
 configurations within 10 %. XLA's choices differ between backends (``backend=``) and are not
 promises: the estimate is for this code and jax 0.11.2.
 
-Sharding (``mesh={"data": d, "fsdp": f}``): the frozen base is split over ``fsdp`` where the
-split is block-aligned (:func:`quantized_nbytes_per_device`), otherwise replicated; adapters,
-gradients and optimizer state are replicated unless ``shard_params=True``; activations are for
-the per-device batch ``batch / (d * f)``; with ``f > 1`` one decoder block's frozen weights are
-gathered at a time, so the largest block's replicated bytes are added.
+Sharding (``mesh={"data": d, "fsdp": f}``): the specs of ``state_layout(..., fsdp=f)``: the base
+split over ``fsdp`` where the split is block-aligned, otherwise replicated; adapters and optimizer
+state replicated unless ``shard_params=True`` (``params_mode = opt_mode = "fsdp"``); activations
+are for the per-device batch ``batch / (d * f)``; with ``f > 1`` one decoder block's base is
+gathered at a time, so one block's unsharded bytes are added.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from qlora_jax import parallel
 from qlora_jax.nn.llama import LINEAR_NAMES, LlamaConfig, LlamaForCausalLM
 from qlora_jax.nn.lora import LoRAConfig, QuantConfig
-from qlora_jax.quant import blockwise
+from qlora_jax.optim import OPTIMIZERS as _CONFIG_OPTIMIZERS
+from qlora_jax.optim import OptimizerConfig, build_optimizer
+from qlora_jax.quant import is_quantized
+from qlora_jax.train.state import StateLayout, state_layout
 
 KiB, MiB, GiB = 2**10, 2**20, 2**30
 # What a device cannot give to arrays: the CUDA context, cuBLAS/cuDNN workspaces and allocator
@@ -59,168 +64,100 @@ KiB, MiB, GiB = 2**10, 2**20, 2**30
 # XLA_PYTHON_CLIENT_PREALLOCATE=false) for plans near the limit.
 RESERVE_BYTES = 1 * GiB
 RESERVE_FRACTION = 0.05
-PAGED_MIN_SIZE = 100_000  # qlora_jax.optim.paged's default min_size (bitsandbytes' 1e5)
-ADAM8BIT_MIN_SIZE = 4096  # qlora_jax.optim.adam8bit's default min_8bit_size
-ADAM8BIT_BLOCK = 256
-OPTIMIZERS = ("adamw", "adamw_8bit")
-
-
-# --- exact layouts -----------------------------------------------------------------------------
+# plan()'s ``optimizer``: the builder's names without "paged_" (``paged=`` says that)
+OPTIMIZERS = tuple(o for o in _CONFIG_OPTIMIZERS if not o.startswith("paged_"))
+CHECKPOINT_ITEMSIZE = 2  # a checkpoint tensor is read in bf16 (the HF checkpoints' dtype) for the load peak
 
 
 def _itemsize(dtype) -> int:
     return int(jnp.dtype(dtype).itemsize)
 
 
-def _quantized_leaf_sizes(n: int, quant: QuantConfig) -> dict[str, int]:
-    """Bytes of each QuantizedTensor leaf for ``n`` elements (``tensor.py``'s layout)."""
-    nb = blockwise.num_blocks(n, quant.block_size)
-    out = {"packed": (n + 1) // 2}
-    if quant.double_quant:
-        out["absmax"] = nb  # uint8 codes
-        out["nested_absmax"] = 4 * blockwise.num_blocks(nb, quant.nested_block_size)
-        out["offset"] = 4
-    else:
-        out["absmax"] = 4 * nb
-    return out
+def _nbytes(x) -> int:
+    return int(np.prod(x.shape, dtype=np.int64)) * _itemsize(x.dtype)
 
 
-def quantized_nbytes(shape: tuple[int, ...], quant: QuantConfig) -> int:
-    """``QuantConfig.quantize(w).nbytes`` for a ``w`` of ``shape``, without allocating anything.
-
-    Packed codes ``ceil(n / 2)`` bytes; absmax float32 per ``block_size`` block, or with double
-    quantization a uint8 code per block plus float32 ``nested_absmax`` per ``nested_block_size``
-    blocks and a float32 offset. Partial last blocks count as whole blocks.
-    """
-    return sum(_quantized_leaf_sizes(int(np.prod(shape, dtype=np.int64)), quant).values())
+def tree_nbytes(tree) -> int:
+    """Bytes of the arrays (or ShapeDtypeStructs) of a pytree."""
+    return sum(_nbytes(x) for x in jax.tree.leaves(tree))
 
 
-def quantized_nbytes_per_device(shape: tuple[int, int], quant: QuantConfig, fsdp: int) -> int:
-    """Bytes of an ``[out, in]`` QuantizedTensor on one of ``fsdp`` devices.
-
-    :func:`qlora_jax.parallel.quantized_splits` decides, as it does for the training mesh: split
-    into whole rows, blocks and nested blocks (the offset replicated), or replicated whole.
-    """
-    sizes = _quantized_leaf_sizes(int(np.prod(shape, dtype=np.int64)), quant)
-    nested = quant.nested_block_size if quant.double_quant else None
-    if not parallel.quantized_splits(tuple(shape), quant.block_size, nested, fsdp):
-        return sum(sizes.values())
-    return sum(v if k == "offset" else v // fsdp for k, v in sizes.items())
+# --- the state the train step holds --------------------------------------------------------------
 
 
-def array_nbytes_per_device(shape: tuple[int, ...], itemsize: int, fsdp: int) -> int:
-    """A plain array on one of ``fsdp`` devices: its largest dim divisible by ``fsdp`` is split."""
-    n = int(np.prod(shape, dtype=np.int64)) * itemsize
-    if fsdp > 1 and any(d % fsdp == 0 for d in shape):
-        return n // fsdp
-    return n
-
-
-def linear_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, int]]:
-    """``[out, in]`` of the seven linears of one decoder block (``llama.py``: GQA head dims)."""
-    d, f = cfg.hidden_size, cfg.intermediate_size
-    q, kv = cfg.num_attention_heads * cfg.dim_head, cfg.num_key_value_heads * cfg.dim_head
-    return {
-        "q_proj": (q, d),
-        "k_proj": (kv, d),
-        "v_proj": (kv, d),
-        "o_proj": (d, q),
-        "gate_proj": (f, d),
-        "up_proj": (f, d),
-        "down_proj": (d, f),
-    }
-
-
-def bias_shapes(cfg: LlamaConfig) -> dict[str, tuple[int]]:
-    """Frozen biases of one block: q/k/v (Qwen2 or ``attention_bias``), o (``attention_bias``), MLP."""
-    lin = linear_shapes(cfg)
-    names = []
-    if cfg.attention_bias or cfg.qkv_bias:
-        names += ["q_proj", "k_proj", "v_proj"]
-    if cfg.attention_bias:
-        names.append("o_proj")
-    if cfg.mlp_bias:
-        names += ["gate_proj", "up_proj", "down_proj"]
-    return {n: (lin[n][0],) for n in names}
-
-
-def lora_shapes(cfg: LlamaConfig, lora: LoRAConfig | None, scan_layers: bool = True) -> list[tuple[int, ...]]:
-    """Every adapter leaf of the model: ``lora_a [r, in]`` and ``lora_b [out, r]`` per target, per
-    layer; with ``scan_layers`` (the model's default) one ``[L, r, in]`` / ``[L, out, r]`` leaf per
-    target, which is what paging's ``min_size`` and 8-bit Adam's blocks see."""
-    if lora is None or lora.rank == 0:
-        return []
-    unknown = sorted(set(lora.targets) - set(LINEAR_NAMES))
-    if unknown:
-        raise ValueError(f"LoRA targets {unknown} name no linear of this model; known: {LINEAR_NAMES}")
-    targets = [(lora.rank, i, o) for name, (o, i) in linear_shapes(cfg).items() if name in lora.targets]
-    if scan_layers:
-        return [s for r, i, o in targets for s in ((cfg.num_hidden_layers, r, i), (cfg.num_hidden_layers, o, r))]
-    return [s for _ in range(cfg.num_hidden_layers) for r, i, o in targets for s in ((r, i), (o, r))]
-
-
-@dataclasses.dataclass(frozen=True)
-class FrozenBytes:
-    """Per-device frozen bytes: quantized linears, everything else, and one block's gathered copy."""
-
-    quantized: int
-    other: int
-    gathered_block: int  # with fsdp > 1: the largest block's full (unsharded) frozen bytes
-
-
-def frozen_bytes(cfg: LlamaConfig, quant: QuantConfig | None, dtype=jnp.bfloat16, fsdp: int = 1) -> FrozenBytes:
-    """Frozen variables of ``LlamaForCausalLM(cfg, quant=quant, dtype=dtype)``, per device."""
-    c = _itemsize(dtype)
-    qbytes = other = block_full = 0
-    for shape in linear_shapes(cfg).values():
-        if quant is not None:
-            qbytes += quantized_nbytes_per_device(shape, quant, fsdp)
-            block_full += quantized_nbytes(shape, quant)
-        else:
-            other += array_nbytes_per_device(shape, c, fsdp)
-            block_full += int(np.prod(shape)) * c
-    for shape in [*bias_shapes(cfg).values(), (cfg.hidden_size,), (cfg.hidden_size,)]:  # + 2 norms
-        other += array_nbytes_per_device(shape, c, fsdp)
-        block_full += int(np.prod(shape)) * c
-    layers = cfg.num_hidden_layers
-    vd = (cfg.vocab_size, cfg.hidden_size)
-    top = array_nbytes_per_device(vd, c, fsdp) * (1 if cfg.tie_word_embeddings else 2)
-    top += array_nbytes_per_device((cfg.hidden_size,), c, fsdp)  # final norm
-    return FrozenBytes(qbytes * layers, other * layers + top, block_full if fsdp > 1 else 0)
-
-
-def optimizer_state_bytes(
-    shapes: list[tuple[int, ...]],
-    optimizer: str = "adamw",
-    paged: bool = True,
-    min_size: int = PAGED_MIN_SIZE,
-    schedule: bool = True,
-) -> dict[str, int]:
-    """Optimizer-state bytes by memory kind (``device``, ``pinned_host``) for params of ``shapes``.
-
-    The state of ``train_lib.build_optimizer``: ``chain(clip_by_global_norm, adamw)`` or the
-    8-bit variant, optionally ``paged``. AdamW: ``mu``, ``nu`` in float32 + an int32
-    count (+ the schedule's int32 count). 8-bit: per parameter of >= 4096 elements uint8 ``mu``
-    and ``nu`` codes (param-shaped, so pageable) and float32 absmax per 256 (not param-shaped, so
-    never paged); smaller parameters keep float32 moments and empty absmax.
-    """
+def optimizer_config(optimizer: str = "adamw", paged: bool = True, min_size: int | None = None, chunk_bytes=None):
+    """The :class:`~qlora_jax.optim.OptimizerConfig` of ``plan``'s optimizer arguments."""
     if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {OPTIMIZERS}; got {optimizer!r}")
-    out = {"device": 4 + (4 if schedule else 0), "pinned_host": 0}
-    for shape in shapes:
-        n = int(np.prod(shape, dtype=np.int64))
-        if optimizer == "adamw":
-            moment, extra = 4 * n, 0  # float32 whatever the adapters' dtype (optim.float32_moments)
-        elif n < ADAM8BIT_MIN_SIZE:
-            moment, extra = 4 * n, 0
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS} (paging: paged=True); got {optimizer!r}")
+    kw = {} if min_size is None else {"paged_min_size": min_size}
+    return OptimizerConfig(optimizer=("paged_" if paged else "") + optimizer, paged_chunk_bytes=chunk_bytes, **kw)
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(cfg, quant, lora, dtype, remat, scan_layers, opt: OptimizerConfig, fsdp: int, mode: str) -> StateLayout:
+    model = LlamaForCausalLM(cfg, lora=lora, quant=quant, dtype=dtype, remat=remat, scan_layers=scan_layers)
+    return state_layout(model, build_optimizer(opt), fsdp=fsdp, params_mode=mode, opt_mode=mode)
+
+
+def train_layout(
+    model_config: LlamaConfig,
+    quant: QuantConfig | None = QuantConfig(),
+    lora: LoRAConfig | None = LoRAConfig(dtype=jnp.bfloat16),
+    *,
+    optimizer: OptimizerConfig | None = None,
+    fsdp: int = 1,
+    shard_params: bool = False,
+    scan_layers: bool = True,
+    remat: bool = True,
+    dtype=jnp.bfloat16,
+) -> StateLayout:
+    """The :class:`~qlora_jax.train.state.StateLayout` :func:`plan` counts (cached: abstract, ~1 s).
+
+    ``optimizer``: the builder's config (None: ``OptimizerConfig()``, the recipe's paged AdamW).
+    """
+    mode = "fsdp" if shard_params else "replicated"
+    opt = OptimizerConfig() if optimizer is None else optimizer
+    return _layout(model_config, quant, lora, dtype, remat, scan_layers, opt, fsdp, mode)
+
+
+def _block_bytes(base) -> int:
+    """One decoder block's base bytes, unsharded: the scanned ``layers`` subtree over its ``L``
+    (every leaf stacks the layers on axis 0), or the largest ``layers_i``."""
+    if "layers" in base:
+        layers = base["layers"]
+        depth = jax.tree.leaves(layers)[0].shape[0]
+        return tree_nbytes(layers) // depth
+    return max((tree_nbytes(v) for k, v in base.items() if k.startswith("layers_")), default=0)
+
+
+def _largest_checkpoint_piece(layout: StateLayout, mesh_shape: Mapping[str, int]) -> int:
+    """Bytes of the largest checkpoint tensor's piece on one device, in bf16: a 4-bit linear's
+    ``prod(shape)`` elements (its rows split as its codes are), a plain array's (one layer of a
+    scanned ``layers`` leaf) split as its spec splits it."""
+    flat = jax.tree_util.tree_flatten_with_path(layout.abstract.base, is_leaf=is_quantized)[0]
+    specs = jax.tree.leaves(layout.specs.base, is_leaf=lambda x: is_quantized(x) or isinstance(x, P))
+    largest = 0
+    for (path, x), spec in zip(flat, specs, strict=True):
+        if is_quantized(x):
+            n, spec = int(np.prod(x.shape, dtype=np.int64)), spec.packed
         else:
-            moment, extra = n, 2 * 4 * blockwise.num_blocks(n, ADAM8BIT_BLOCK)
-        kind = "pinned_host" if paged and n >= min_size else "device"
-        out[kind] += 2 * moment
-        out["device"] += extra
-    if not out["pinned_host"]:
-        del out["pinned_host"]
-    return out
+            stacked = getattr(path[0], "key", None) == "layers"
+            n = int(np.prod(x.shape[1:] if stacked else x.shape, dtype=np.int64))
+        largest = max(largest, CHECKPOINT_ITEMSIZE * n // parallel.spec_ways(spec, mesh_shape))
+    return largest
+
+
+def _largest_paged_param(layout: StateLayout, mesh_shape: Mapping[str, int]) -> int:
+    """One device's paged bytes of the parameter with the most (paged moves a parameter's state
+    leaves together, so that is the least one chunk brings to the device)."""
+    params = {jax.tree_util.keystr(path) for path, *_ in layout.leaves("params")}
+    per_param: dict[str, int] = {}
+    for path, x, spec, kind in layout.leaves("opt_state"):
+        if kind != "pinned_host":
+            continue
+        name = next((s for k in range(len(path)) if (s := jax.tree_util.keystr(path[k:])) in params), "")
+        per_param[name] = per_param.get(name, 0) + _nbytes(x) // parallel.spec_ways(spec, mesh_shape)
+    return max(per_param.values(), default=0)
 
 
 # --- activations ---------------------------------------------------------------------------------
@@ -272,6 +209,9 @@ def activation_bytes(
     c = _itemsize(dtype)
     d, f, h = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads
     q, kv = h * cfg.dim_head, cfg.num_key_value_heads * cfg.dim_head
+    # (in, out) of the seven linears of a block, the dimensions of the estimate
+    dims = {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d)}
+    dims |= {"gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}
     r = lora.rank if lora is not None else 0
     targets = [t for t in LINEAR_NAMES if lora is not None and r > 0 and t in lora.targets]
     per_token = (
@@ -283,12 +223,11 @@ def activation_bytes(
         + (3 * c + 12) * f
         + 2 * c * r * len(targets)
     )
-    shapes = linear_shapes(cfg)
     if quant is None and backend == "cpu":  # unquantized linears keep their float32 GEMM outputs
-        per_token += 4 * sum(o for o, _ in shapes.values())
-    block_weights = sum(int(np.prod(s)) for s in shapes.values()) * c if quant is not None else 0
+        per_token += 4 * sum(o for _, o in dims.values())
+    block_weights = sum(i * o for i, o in dims.values()) * c if quant is not None else 0
     layers = cfg.num_hidden_layers
-    dropout_inputs = n * sum(shapes[t][1] for t in targets) if lora is not None and lora.dropout > 0 else 0
+    dropout_inputs = n * sum(dims[t][0] for t in targets) if lora is not None and lora.dropout > 0 else 0
     if backend == "cpu":
         dropout = 2 * 4 * dropout_inputs * layers
     else:
@@ -313,9 +252,10 @@ def _fmt(n: int) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class MemoryPlan:
-    """Bytes per device by component (see :func:`plan`); ``device_bytes`` is the step's peak.
+    """Bytes per device by component (see :func:`plan`); ``device_bytes`` is the step's peak,
+    ``load_peak`` the peak while the base is loaded (both must fit).
 
-    ``rows`` keeps the components in table order as ``(name, bytes, memory kind, note)``.
+    ``rows`` keeps the step's components in table order as ``(name, bytes, memory kind, note)``.
     """
 
     frozen_quantized: int
@@ -330,6 +270,7 @@ class MemoryPlan:
     batch_bytes: int
     device_memory: int | None
     notes: tuple[str, ...] = ()
+    load_peak: int = 0  # the load: final base bytes + the largest checkpoint tensor's piece (bf16)
 
     @property
     def activation_total(self) -> int:
@@ -354,6 +295,11 @@ class MemoryPlan:
         return self.optimizer_host
 
     @property
+    def peak(self) -> int:
+        """The larger of the step's peak and the load's."""
+        return max(self.device_bytes, self.load_peak)
+
+    @property
     def reserve(self) -> int:
         """Bytes of the device held back: ``RESERVE_BYTES + RESERVE_FRACTION * device_memory``."""
         return 0 if self.device_memory is None else RESERVE_BYTES + int(RESERVE_FRACTION * self.device_memory)
@@ -364,7 +310,8 @@ class MemoryPlan:
 
     @property
     def fits(self) -> bool | None:
-        return None if self.device_memory is None else self.device_bytes <= self.usable
+        """Both the train step's peak and the load's fit the usable bytes."""
+        return None if self.device_memory is None else self.peak <= self.usable
 
     @property
     def rows(self) -> list[tuple[str, int, str, str]]:
@@ -393,14 +340,21 @@ class MemoryPlan:
         lines.append("-" * 96)
         lines.append(f"{'device total (peak)':<28} {_fmt(self.device_bytes)}")
         lines.append(f"{'host total':<28} {_fmt(self.host_bytes)}")
+        lines.append(
+            f"{'load peak':<28} {_fmt(self.load_peak)}  {'device':<7} "
+            "base shards + the largest checkpoint tensor's piece (bf16)"
+        )
         if self.device_memory is not None:
             lines.append(
                 f"{'device memory':<28} {_fmt(self.device_memory)}  usable {_fmt(self.usable).strip()} "
                 f"(reserve {_fmt(self.reserve).strip()} = {RESERVE_BYTES // MiB} MiB + {RESERVE_FRACTION:.0%})"
             )
-            margin = self.usable - self.device_bytes
+            margin = self.usable - self.peak
             verdict = "fits" if self.fits else "does not fit"
-            lines.append(f"verdict: {verdict} ({'headroom' if self.fits else 'short by'} {_fmt(abs(margin)).strip()})")
+            which = " (the load peak)" if self.load_peak > self.device_bytes else ""
+            lines.append(
+                f"verdict: {verdict} ({'headroom' if self.fits else 'short by'} {_fmt(abs(margin)).strip()}{which})"
+            )
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -441,7 +395,7 @@ def plan(
     *,
     accum_steps: int = 1,
     optimizer: str = "adamw",
-    min_size: int = PAGED_MIN_SIZE,
+    min_size: int = OptimizerConfig.paged_min_size,
     shard_params: bool = False,
     scan_layers: bool = True,
     chunk_bytes: int | None = None,
@@ -465,14 +419,16 @@ def plan(
       paged: optimizer state of ``>= min_size`` elements per leaf lives in host memory.
       remat: ``nn.remat`` per decoder block (policy ``nothing_saveable``).
       accum_steps: micro-batches per step; the step's scan carries a gradient accumulator.
-      optimizer: ``"adamw"`` or ``"adamw_8bit"``.
-      min_size: :func:`~qlora_jax.optim.paged`'s ``min_size``.
-      shard_params: adapters, gradients and optimizer state sharded over ``fsdp`` too.
+      optimizer: ``"adamw"`` or ``"adamw_8bit"`` (with ``paged``: the builder's ``paged_adamw``,
+        ``paged_adamw_8bit``).
+      min_size: ``OptimizerConfig.paged_min_size``.
+      shard_params: adapters, gradients and optimizer state sharded over ``fsdp`` too
+        (``config.sharding.params = opt_state = "fsdp"``).
       scan_layers: the model's layer layout (:class:`~qlora_jax.nn.LlamaForCausalLM`): stacked
         adapter leaves are ``L`` times larger, so paging's ``min_size`` sees them differently.
-      chunk_bytes: :func:`~qlora_jax.optim.paged`'s ``chunk_bytes``: paged state brought to the
-        device at once for the update (None, its default: all of it — which costs two copies
-        of the paged state on the device during the update).
+      chunk_bytes: ``OptimizerConfig.paged_chunk_bytes``: paged state brought to the device at
+        once for the update (None, its default: all of it — which costs two copies of the paged
+        state on the device during the update).
       dtype: compute dtype (embeddings, norms, lm_head are stored in it).
       device_memory: bytes of one device, for the verdict (None: no verdict).
       backend: ``"gpu"`` (the target) or ``"cpu"`` (XLA:CPU keeps dropout's random bits; used
@@ -488,33 +444,34 @@ def plan(
     if batch % devices:
         raise ValueError(f"batch={batch} does not divide over the mesh's data x fsdp = {devices} devices (batch, mesh)")
     fsdp = m["fsdp"]
-    frozen = frozen_bytes(model_config, quant, dtype, fsdp)
-    shapes = lora_shapes(model_config, lora, scan_layers)
-    ldtype = lora.dtype if lora is not None else jnp.float32
-    param_fsdp = fsdp if shard_params else 1
-    adapters = sum(array_nbytes_per_device(s, _itemsize(ldtype), param_fsdp) for s in shapes)
+    opt = optimizer_config(optimizer, paged, min_size, chunk_bytes)
+    layout = train_layout(
+        model_config, quant, lora, optimizer=opt, fsdp=fsdp, shard_params=shard_params, scan_layers=scan_layers,
+        remat=remat, dtype=dtype,
+    )  # fmt: skip
+    held = layout.device_bytes(m)
+    base = sum(held["base"].values())
+    quantized = layout.quantized_base_bytes(m)
+    adapters = sum(held["params"].values())
     grads = adapters * (2 if accum_steps > 1 else 1)
-    opt = optimizer_state_bytes(shapes, optimizer, paged, min_size)
-    opt_host = opt.get("pinned_host", 0) // param_fsdp
-    opt_device = opt["device"] // param_fsdp if shard_params else opt["device"]
+    opt_device, opt_host = held["opt_state"].get("device", 0), held["opt_state"].get("pinned_host", 0)
+    gathered = _block_bytes(layout.abstract.base) if fsdp > 1 else 0
     acts = activation_bytes(model_config, lora, quant, batch // devices, seq_len, remat, dtype, backend)
-    backward = sum(acts.values()) + frozen.gathered_block
+    backward = sum(acts.values()) + gathered
     # the update runs after the backward pass: paged moments come to the device (all at once
     # with chunk_bytes=None, else the largest chunk) and new ones are written before going back.
     fetched = opt_host
     if chunk_bytes is not None and opt_host:
-        per_param = [2 * n * (1 if optimizer == "adamw_8bit" else 4) for n in map(np.prod, shapes)]
-        largest = max(b for b, n in zip(per_param, map(np.prod, shapes), strict=True) if n >= min_size)
-        fetched = min(opt_host, max(chunk_bytes, largest // param_fsdp))
+        fetched = min(opt_host, max(chunk_bytes, _largest_paged_param(layout, m)))
     update_extra = max(0, 2 * fetched - backward)
     batch_bytes = accum_steps * (batch // devices) * seq_len * (4 + 1 + 1)
     notes = []
     if opt_host:
-        notes.append(f"paged: state leaves >= {min_size:,} elements live in pinned host memory between steps")
+        notes.append(f"paged: state leaves >= {opt.paged_min_size:,} elements live in pinned host memory between steps")
     return MemoryPlan(
-        frozen_quantized=frozen.quantized,
-        frozen_other=frozen.other,
-        gathered_block=frozen.gathered_block,
+        frozen_quantized=quantized,
+        frozen_other=base - quantized,
+        gathered_block=gathered,
         adapters=adapters,
         grads=grads,
         optimizer_device=opt_device,
@@ -524,37 +481,11 @@ def plan(
         batch_bytes=batch_bytes,
         device_memory=device_memory,
         notes=tuple(notes),
+        load_peak=base + _largest_checkpoint_piece(layout, m),
     )
 
 
 # --- the real step, for validation ----------------------------------------------------------------
-
-
-def abstract_variables(
-    cfg: LlamaConfig, quant: QuantConfig | None, lora: LoRAConfig | None, dtype=jnp.bfloat16
-) -> dict:
-    """``jax.eval_shape(model.init, ...)``: the model's variables as ShapeDtypeStructs (no allocation)."""
-    model = LlamaForCausalLM(cfg, lora=lora, quant=quant, dtype=dtype)
-    return jax.eval_shape(model.init, jax.random.key(0), jnp.ones((1, 8), jnp.int32))
-
-
-def tree_nbytes(tree) -> int:
-    """Bytes of the arrays (or ShapeDtypeStructs) of a pytree."""
-    return sum(int(np.prod(x.shape, dtype=np.int64)) * _itemsize(x.dtype) for x in jax.tree.leaves(tree))
-
-
-def build_optimizer(optimizer: str = "adamw", paged: bool = True, min_size: int = PAGED_MIN_SIZE):
-    """The optimizer of ``train_lib.build_optimizer`` (clip 0.3, a warmup schedule, AdamW or 8-bit)."""
-    import optax
-
-    from qlora_jax import optim
-
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {OPTIMIZERS}; got {optimizer!r}")
-    schedule = optax.join_schedules([optax.linear_schedule(0.0, 2e-4, 10), optax.constant_schedule(2e-4)], [10])
-    adam = optim.adamw(schedule, b2=0.999, weight_decay=0.0, eight_bit=optimizer == "adamw_8bit")
-    inner = optax.chain(optax.clip_by_global_norm(0.3), adam)
-    return (optim.paged(inner, min_size=min_size) if paged else inner), inner
 
 
 def compiled_memory(
@@ -567,45 +498,37 @@ def compiled_memory(
     accum_steps: int = 1,
     optimizer: str = "adamw",
     paged: bool = False,
-    min_size: int = PAGED_MIN_SIZE,
+    min_size: int = OptimizerConfig.paged_min_size,
     dtype=jnp.bfloat16,
 ) -> dict[str, int]:
     """``memory_analysis()`` of the compiled train step for abstract inputs (nothing allocated).
 
-    Returns argument/output/alias/temp bytes (and the host_* fields) and ``peak`` = argument +
-    output - alias + temp, the device bytes the step needs while it runs. Paged state is given
-    ``pinned_host`` shardings; on the CPU backend (jax 0.11.2) those bytes still count in
-    ``argument``, on a GPU in ``host_argument``.
+    The state is :func:`train_layout`'s (the planner's); its ``pinned_host`` leaves get host
+    shardings. Returns argument/output/alias/temp bytes (and the host_* fields) and ``peak`` =
+    argument + output - alias + temp, the device bytes the step needs while it runs. On the CPU
+    backend (jax 0.11.2) paged bytes still count in ``argument``, on a GPU in ``host_argument``.
     """
-    from qlora_jax.nn.lora import split_params
-    from qlora_jax.optim.paged import HOST, _map_per_param
     from qlora_jax.train.steps import TrainState, make_train_step
 
+    opt = optimizer_config(optimizer, paged, min_size)
+    layout = train_layout(cfg, quant, lora, optimizer=opt, remat=remat, dtype=dtype)
     model = LlamaForCausalLM(cfg, lora=lora, quant=quant, dtype=dtype, remat=remat)
-    params, frozen = split_params(abstract_variables(cfg, quant, lora, dtype))
-    tx, inner = build_optimizer(optimizer, paged, min_size)
-    opt_state = jax.eval_shape(inner.init, params)
-    if paged:
-        from qlora_jax.optim.paged import PagedState
+    host = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
 
-        host = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind=HOST)
+    def place(x, kind):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=host) if kind == "pinned_host" else x
 
-        def to_host(_, leaf):
-            if int(np.prod(leaf.shape)) < min_size:
-                return leaf
-            return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=host)
-
-        shapes = [tuple(x.shape) for x in jax.tree.leaves(params)]
-        opt_state = PagedState(_map_per_param(to_host, opt_state, jax.tree.structure(params), shapes))
-    state = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, opt_state)
+    opt_state = jax.tree.map(place, layout.abstract.opt_state, layout.kinds.opt_state)
+    state = TrainState(jax.ShapeDtypeStruct((), jnp.int32), layout.abstract.params, opt_state)
     tokens = (accum_steps, batch, seq_len)
     batch_arrays = {
         "input_ids": jax.ShapeDtypeStruct(tokens, jnp.int32),
         "attention_mask": jax.ShapeDtypeStruct(tokens, jnp.bool_),
         "loss_mask": jax.ShapeDtypeStruct(tokens, jnp.bool_),
     }
-    step = jax.jit(make_train_step(model, tx), donate_argnums=(0,))
-    stats = step.lower(state, frozen, batch_arrays, jax.random.key(0)).compile().memory_analysis()
+    built = build_optimizer(opt)
+    step = jax.jit(make_train_step(model, built.tx, built.schedule), donate_argnums=(0,))
+    stats = step.lower(state, layout.abstract.base, batch_arrays, jax.random.key(0)).compile().memory_analysis()
     fields = ("argument", "output", "alias", "temp", "host_argument", "host_output", "host_temp")
     out = {f: int(getattr(stats, f"{f}_size_in_bytes")) for f in fields}
     out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
