@@ -71,22 +71,14 @@ def _run(config, workdir: pathlib.Path) -> list[dict]:
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
-def _shrink(config) -> None:
-    if FAST:  # compile time dominates: a 1-layer model, no generation
-        config.model.hidden_size, config.model.intermediate_size, config.model.num_hidden_layers = 64, 128, 1
-        config.data.num_train, config.data.num_eval = 64, 16
-        config.eval_batches, config.num_generate = 1, 0
-        config.train.batch_size = 8
-
-
 def pretrained_base() -> pathlib.Path:
     """The tiny LLaMA after the full-parameter pre-step (``configs/tiny_pretrain.py``): an HF
     checkpoint directory with its tokenizer, trained once and then reused."""
     c = tiny_pretrain.get_config()
     c.progress = False
-    if FAST:
+    if FAST:  # the sizes of configs/tiny.py's small variant (compile time dominates)
         c.train.steps, c.eval_every, c.checkpoint_every = 10, 5, 10
-    _shrink(c)
+        tiny.shrink(c)
     _run(c, RUNS / "pretrain")
     return RUNS / "pretrain" / "export" / "model"
 
@@ -94,7 +86,7 @@ def pretrained_base() -> pathlib.Path:
 def finetune_config(overrides: dict | None = None):
     """``configs/tiny.py`` fine-tuning the pre-trained base on all four task families (two of
     them new to it)."""
-    c = tiny.get_config()
+    c = tiny.get_config("small" if FAST else None)  # fast: its small variant, the pre-step's sizes
     c.model_path = str(pretrained_base())
     c.data.families = FINETUNE_FAMILIES
     c.train.steps = FINETUNE_STEPS
@@ -105,7 +97,6 @@ def finetune_config(overrides: dict | None = None):
     c.train.lr_schedule = "cosine"
     if not FAST:  # with 64 eval examples the spread over seeds dwarfed the effects measured
         c.data.num_eval, c.eval_batches, c.num_generate = 512, 32, 128
-    _shrink(c)
     c.lock()  # as on the command line, a misspelled key is an error, not a new field
     c.update_from_flattened_dict(overrides or {})
     return c

@@ -83,10 +83,10 @@ def main(argv):
         for c in configs.values():
             validate.validate_config(c)
         mesh = parallel.make_mesh(configs["packed"].mesh.to_dict())
-        model, tok, _, frozen, state, tx, schedule = train_lib.setup(configs["packed"], mesh)
+        built = train_lib.setup(configs["packed"], mesh)
+        model, tok, frozen, state = built.model, built.tokenizer, built.base, built.state
         data = {name: train_lib.build_data(c, tok).train for name, c in configs.items()}
-    state_shardings = jax.tree.map(lambda x: x.sharding, state)
-    step = train_lib.jit_train_step(model, tx, schedule, state_shardings, seed=0)
+    step = train_lib.jit_train_step(model, built.optimizer, built.state_shardings, seed=0)
     sharding = parallel.batch_sharding(mesh, 3, batch_axis=1)
     row = _SOURCE.value + _TARGET.value
     counts = {name: {"tokens": 0, "targets": 0, "examples": 0, "times": []} for name in data}

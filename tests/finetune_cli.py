@@ -6,26 +6,25 @@ import subprocess
 import sys
 from pathlib import Path
 
+from experiments.configs import tiny
+
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = [
-    "--config.model.hidden_size=64",
-    "--config.model.intermediate_size=128",
-    "--config.model.num_hidden_layers=1",
+CONFIG = "experiments/configs/tiny.py:small"  # hidden 64, 1 layer, batch 8, 16 eval examples, 1 eval batch
+SMALL = [  # what these runs change in the small variant
     "--config.data.num_train=32",
-    "--config.data.num_eval=16",
     "--config.data.source_max_len=24",
     "--config.data.target_max_len=8",
-    "--config.train.batch_size=8",
     "--config.train.learning_rate=0.01",
     "--config.log_every=1",
     "--config.eval_every=10",
-    "--config.eval_batches=1",
     "--config.num_generate=2",
     "--config.progress=False",
 ]
+# the small variant's sizes as flags, for a config file that has no variant (configs/tiny_pretrain.py)
+SHRINK = [f"--config.{key}={value}" for key, value in tiny.SMALL.items()]
 
 
-def cmd(workdir, *extra, config="experiments/configs/tiny.py"):
+def cmd(workdir, *extra, config=CONFIG):
     return [sys.executable, "-m", "experiments.finetune", f"--config={config}", f"--workdir={workdir}", *SMALL, *extra]
 
 

@@ -28,7 +28,7 @@ PY=${PY:-python3}
 } | tee "$OUT/env.txt"
 
 # -p no:cacheprovider: the tree may be read-only; -o addopts=: no xdist there (one GPU anyway).
-timeout 130 $PY -m pytest tests/kernels tests/optim tests/test_memory.py tests/test_timing.py -q -p no:cacheprovider -o addopts="--strict-markers --import-mode=importlib" \
+timeout 130 $PY -m pytest tests/kernels tests/optim tests/train/test_memory.py tests/test_timing.py -q -p no:cacheprovider -o addopts="--strict-markers --import-mode=importlib" \
   >"$OUT/tests.log" 2>&1
 tests_rc=$?
 timeout 180 $PY -m experiments.bench_kernels --json="$OUT/bench.json" >"$OUT/bench.log" 2>&1

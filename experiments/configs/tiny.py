@@ -8,12 +8,46 @@ AdamW on the built-in synthetic instruction tasks (addition, sorting, reversing,
 No downloads. Hardware: any CPU (2 cores here). Wall time and metrics: see README ("make
 finetune"), measured there. Loss and perplexity fall; exact-match accuracy from a random base in
 this budget stays near 0 — the run checks the pipeline, not the model.
+
+The same config shrunk for tests and fast notebooks (compile time dominates there: a 1-layer model
+of hidden 64, 64 training examples, one eval batch, no generation) is its ``small`` variant, the text
+after the colon being ``get_config``'s argument (big_vision's convention):
+
+    python -m experiments.finetune --config=experiments/configs/tiny.py:small --workdir=runs/small
 """
 
 import ml_collections
 
+# the small variant's changes, as dotted keys (``shrink`` applies them to a config derived from this
+# one, e.g. configs/tiny_pretrain.py's, whose get_config takes no variant)
+SMALL = {
+    "model.hidden_size": 64,
+    "model.intermediate_size": 128,
+    "model.num_hidden_layers": 1,
+    "data.num_train": 64,
+    "data.num_eval": 16,
+    "eval_batches": 1,
+    "num_generate": 0,
+    "train.batch_size": 8,
+}
+VARIANTS = ("small",)
 
-def get_config():
+
+def shrink(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``config`` (changed in place, and returned) with the small variant's sizes: ``SMALL``."""
+    config.update_from_flattened_dict(SMALL)
+    return config
+
+
+def get_config(arg: str | None = None):
+    """The tiny fine-tune; ``arg="small"`` (``--config=experiments/configs/tiny.py:small``) shrinks it
+    with ``SMALL``. Another ``arg`` is refused: a ValueError naming it and the variants."""
+    if arg not in (None, "", *VARIANTS):
+        raise ValueError(
+            f"experiments/configs/tiny.py: unknown config variant {arg!r} (the text after the colon of "
+            f"--config=experiments/configs/tiny.py:{arg}); the variants: {', '.join(map(repr, VARIANTS))}, "
+            "or none for the full tiny config"
+        )
     c = ml_collections.ConfigDict()
     c.seed = 0  # fixes the base init, adapters, data order and dropout
     c.model_path = ""  # a Hugging Face checkpoint directory; "" = the tiny random LLaMA below
@@ -104,4 +138,4 @@ def get_config():
     c.export.quantized = False  # export/quantized: bitsandbytes 4-bit base
     c.export.gguf = ""  # export/model.gguf: the merged model for llama.cpp / Ollama: "" (off) | f16 | bf16 | q8_0
     c.export.again = False  # a finished run: write its exports again (e.g. after turning on export.merged)
-    return c
+    return shrink(c) if arg == "small" else c

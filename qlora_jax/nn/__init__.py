@@ -1,4 +1,4 @@
-"""Layers and models: LoRADense and the LLaMA-family decoder."""
+"""Layers and models: LoRADense, the LLaMA-family decoder and the shapes of published models (presets)."""
 
 from qlora_jax.nn.generate import generate, sample_token
 from qlora_jax.nn.llama import LlamaConfig, LlamaForCausalLM, init_cache
@@ -12,8 +12,10 @@ from qlora_jax.nn.lora import (
     merged_weight,
     split_params,
 )
+from qlora_jax.nn.presets import PRESETS, model_config, preset
 
 __all__ = [
+    "PRESETS",
     "LlamaConfig",
     "LlamaForCausalLM",
     "LoRAConfig",
@@ -25,6 +27,8 @@ __all__ = [
     "init_cache",
     "merge_params",
     "merged_weight",
+    "model_config",
+    "preset",
     "sample_token",
     "split_params",
 ]

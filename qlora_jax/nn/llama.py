@@ -139,37 +139,6 @@ class LlamaConfig:
         )
 
 
-def config_to_hf(config: LlamaConfig, dtype: str = "float32") -> dict:
-    """A transformers-5 ``config.json`` dict for ``config``."""
-    arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-    rope = {"rope_theta": config.rope_theta, "rope_type": "default", **config.rope_scaling_dict}
-    out = {
-        "architectures": [arch[config.model_type]],
-        "model_type": config.model_type,
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.hidden_size,
-        "intermediate_size": config.intermediate_size,
-        "num_hidden_layers": config.num_hidden_layers,
-        "num_attention_heads": config.num_attention_heads,
-        "num_key_value_heads": config.num_key_value_heads,
-        "head_dim": config.dim_head,
-        "hidden_act": "silu",
-        "rms_norm_eps": config.rms_norm_eps,
-        "rope_parameters": rope,
-        "max_position_embeddings": config.max_position_embeddings,
-        "tie_word_embeddings": config.tie_word_embeddings,
-        "attention_bias": config.attention_bias,
-        "mlp_bias": config.mlp_bias,
-        "bos_token_id": config.bos_token_id,
-        "eos_token_id": list(config.eos_token_id) if isinstance(config.eos_token_id, tuple) else config.eos_token_id,
-        "pad_token_id": config.pad_token_id,
-        "dtype": dtype,
-    }
-    if config.model_type == "mistral":
-        out["sliding_window"] = config.sliding_window
-    return out
-
-
 # --- rotary embeddings ------------------------------------------------------------------------
 
 
@@ -221,38 +190,50 @@ class RMSNorm(nn.Module):
         return weight.astype(self.dtype) * normed.astype(self.dtype)
 
 
-def _linear(name, features, cfg: LlamaConfig, lora, quant, dtype, impl, bias=False):
-    adapter = lora if lora is not None and name in lora.targets else None
-    return LoRADense(features, lora=adapter, quant=quant, use_bias=bias, dtype=dtype, impl=impl, name=name)
+@dataclasses.dataclass(frozen=True)
+class ModelSettings:
+    """What every block of the decoder is built with, beside the architecture: one frozen (hashable)
+    struct passed down instead of five attributes on every module (flax lm1b's TransformerConfig).
+
+    ``impl`` is the kernels' static choice (a name or a :class:`qlora_jax.kernels.Dispatch`).
+    """
+
+    config: LlamaConfig
+    lora: LoRAConfig | None = None
+    quant: QuantConfig | None = None
+    dtype: Any = jnp.bfloat16
+    impl: Any = "auto"
+    decode: bool = False
+
+    def linear(self, name: str, features: int, bias: bool = False) -> LoRADense:
+        """The ``name`` linear (``q_proj``, ...): an adapter when ``lora.targets`` names it."""
+        adapter = self.lora if self.lora is not None and name in self.lora.targets else None
+        return LoRADense(features, lora=adapter, quant=self.quant, use_bias=bias, dtype=self.dtype, impl=self.impl,
+                         name=name)  # fmt: skip
 
 
 class Attention(nn.Module):
-    config: LlamaConfig
-    lora: LoRAConfig | None
-    quant: QuantConfig | None
-    dtype: Any
-    impl: str
-    decode: bool = False
+    settings: ModelSettings
 
     @nn.compact
     def __call__(
         self, x: Array, positions: Array, key_mask: Array, deterministic: bool, segment_ids: Array | None = None
     ) -> Array:
-        cfg = self.config
+        cfg, dtype = self.settings.config, self.settings.dtype
         b, s, _ = x.shape
         h, hkv, dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.dim_head
         qkv_bias = cfg.attention_bias or cfg.qkv_bias
-        lin = dict(cfg=cfg, lora=self.lora, quant=self.quant, dtype=self.dtype, impl=self.impl)
-        q = _linear("q_proj", h * dh, bias=qkv_bias, **lin)(x, deterministic).reshape(b, s, h, dh)
-        k = _linear("k_proj", hkv * dh, bias=qkv_bias, **lin)(x, deterministic).reshape(b, s, hkv, dh)
-        v = _linear("v_proj", hkv * dh, bias=qkv_bias, **lin)(x, deterministic).reshape(b, s, hkv, dh)
+        linear = self.settings.linear
+        q = linear("q_proj", h * dh, qkv_bias)(x, deterministic).reshape(b, s, h, dh)
+        k = linear("k_proj", hkv * dh, qkv_bias)(x, deterministic).reshape(b, s, hkv, dh)
+        v = linear("v_proj", hkv * dh, qkv_bias)(x, deterministic).reshape(b, s, hkv, dh)
         inv_freq = rope_inv_freq(cfg)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
 
         q_pos = positions  # [B, S]
-        if self.decode:  # append to the cache; attend over everything written so far
-            ck = self.variable("cache", "cached_key", jnp.zeros, (b, 0, hkv, dh), self.dtype)
-            cv = self.variable("cache", "cached_value", jnp.zeros, (b, 0, hkv, dh), self.dtype)
+        if self.settings.decode:  # append to the cache; attend over everything written so far
+            ck = self.variable("cache", "cached_key", jnp.zeros, (b, 0, hkv, dh), dtype)
+            cv = self.variable("cache", "cached_value", jnp.zeros, (b, 0, hkv, dh), dtype)
             cm = self.variable("cache", "key_mask", jnp.zeros, (b, 0), jnp.bool_)
             cp = self.variable("cache", "key_pos", jnp.zeros, (b, 0), jnp.int32)
             idx = self.variable("cache", "index", lambda: jnp.array(0, jnp.int32))
@@ -283,50 +264,39 @@ class Attention(nn.Module):
         scores = scores.reshape(b, h, s, -1)
         # finite minimum, not -inf: a fully masked (padding) query row stays finite
         scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
         out = jnp.einsum(
             "bngst,btnd->bsngd", probs.reshape(b, hkv, groups, s, -1), v, preferred_element_type=jnp.float32
         )
-        out = out.reshape(b, s, h * dh).astype(self.dtype)
-        return _linear("o_proj", cfg.hidden_size, bias=cfg.attention_bias, **lin)(out, deterministic)
+        out = out.reshape(b, s, h * dh).astype(dtype)
+        return linear("o_proj", cfg.hidden_size, cfg.attention_bias)(out, deterministic)
 
 
 class MLP(nn.Module):
-    config: LlamaConfig
-    lora: LoRAConfig | None
-    quant: QuantConfig | None
-    dtype: Any
-    impl: str
+    settings: ModelSettings
 
     @nn.compact
     def __call__(self, x: Array, deterministic: bool) -> Array:
-        cfg = self.config
-        lin = dict(cfg=cfg, lora=self.lora, quant=self.quant, dtype=self.dtype, impl=self.impl, bias=cfg.mlp_bias)
-        gate = _linear("gate_proj", cfg.intermediate_size, **lin)(x, deterministic)
-        up = _linear("up_proj", cfg.intermediate_size, **lin)(x, deterministic)
-        hidden = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(self.dtype)
-        return _linear("down_proj", cfg.hidden_size, **lin)(hidden, deterministic)
+        cfg, dtype, linear = self.settings.config, self.settings.dtype, self.settings.linear
+        gate = linear("gate_proj", cfg.intermediate_size, cfg.mlp_bias)(x, deterministic)
+        up = linear("up_proj", cfg.intermediate_size, cfg.mlp_bias)(x, deterministic)
+        hidden = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(dtype)
+        return linear("down_proj", cfg.hidden_size, cfg.mlp_bias)(hidden, deterministic)
 
 
 class DecoderLayer(nn.Module):
-    config: LlamaConfig
-    lora: LoRAConfig | None
-    quant: QuantConfig | None
-    dtype: Any
-    impl: str
-    decode: bool = False
+    settings: ModelSettings
 
     @nn.compact
     def __call__(
         self, x: Array, positions: Array, key_mask: Array, deterministic: bool = True, segment_ids: Array | None = None
     ) -> Array:
-        cfg = self.config
-        mods = dict(lora=self.lora, quant=self.quant, dtype=self.dtype, impl=self.impl)
-        h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="input_layernorm")(x)
-        attn = Attention(cfg, decode=self.decode, name="self_attn", **mods)
+        cfg, dtype = self.settings.config, self.settings.dtype
+        h = RMSNorm(cfg.rms_norm_eps, dtype, name="input_layernorm")(x)
+        attn = Attention(self.settings, name="self_attn")
         x = x + attn(h, positions, key_mask, deterministic, segment_ids)
-        h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x)
-        return x + MLP(cfg, name="mlp", **mods)(h, deterministic)
+        h = RMSNorm(cfg.rms_norm_eps, dtype, name="post_attention_layernorm")(x)
+        return x + MLP(self.settings, name="mlp")(h, deterministic)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -343,7 +313,9 @@ class LlamaForCausalLM(nn.Module):
       dtype: compute dtype (bf16; fp32 for parity checks).
       remat: recompute each decoder block in the backward pass (gradient checkpointing).
       remat_policy: a name in ``REMAT_POLICIES``: what a rematerialized block may keep.
-      impl: qmatmul implementation for quantized linears.
+      impl: the kernels for quantized linears: a :class:`qlora_jax.kernels.Dispatch` (the static
+        per-device choice the trainer passes down) or an impl name; ``"auto"`` resolves the
+        device's table when traced.
       decode: KV-cache mode (see :func:`init_cache` and :func:`qlora_jax.nn.generate`).
       scan_layers: run the decoder blocks under ``nn.scan`` (variables under ``"layers"`` with a
         leading ``[L]`` axis), so compile time does not grow with depth; False unrolls them
@@ -357,7 +329,7 @@ class LlamaForCausalLM(nn.Module):
     dtype: Any = jnp.bfloat16
     remat: bool = False
     remat_policy: str = "nothing_saveable"
-    impl: str = "auto"
+    impl: Any = "auto"
     decode: bool = False
     scan_layers: bool = True
 
@@ -386,7 +358,7 @@ class LlamaForCausalLM(nn.Module):
 
         if self.remat and self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy must be one of {tuple(REMAT_POLICIES)}; got {self.remat_policy!r}")
-        mods = dict(lora=self.lora, quant=self.quant, dtype=self.dtype, impl=self.impl, decode=self.decode)
+        settings = ModelSettings(cfg, self.lora, self.quant, self.dtype, self.impl, self.decode)
         if self.scan_layers:
             check_scannable(cfg, self.quant)
 
@@ -403,13 +375,13 @@ class LlamaForCausalLM(nn.Module):
                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
                 length=cfg.num_hidden_layers,
             )
-            x, _ = scanned(DecoderLayer(cfg, name="layers", **mods), x, positions, key_mask, segment_ids)
+            x, _ = scanned(DecoderLayer(settings, name="layers"), x, positions, key_mask, segment_ids)
         else:
             layer_cls = DecoderLayer
             if self.remat:
                 layer_cls = nn.remat(DecoderLayer, policy=REMAT_POLICIES[self.remat_policy], static_argnums=(4,))
             for i in range(cfg.num_hidden_layers):
-                layer = layer_cls(cfg, name=f"layers_{i}", **mods)
+                layer = layer_cls(settings, name=f"layers_{i}")
                 x = parallel.shard_batch(layer(x, positions, key_mask, deterministic, segment_ids))
         x = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(x)
         if cfg.tie_word_embeddings:

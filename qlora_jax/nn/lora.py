@@ -134,7 +134,8 @@ class LoRADense(nn.Module):
         array in ``dtype``. A loaded checkpoint decides by what it puts in ``"base"``.
       use_bias: a frozen bias (Qwen2's q/k/v projections).
       dtype: compute dtype (bf16): activations, the dequantized weight, the adapter matmuls.
-      impl: the :func:`qlora_jax.kernels.qmatmul` implementation.
+      impl: the :func:`qlora_jax.kernels.qmatmul` implementation: a :class:`qlora_jax.kernels.Dispatch`
+        (a static per-device choice) or an impl name.
     """
 
     features: int
@@ -142,7 +143,7 @@ class LoRADense(nn.Module):
     quant: QuantConfig | None = None
     use_bias: bool = False
     dtype: Any = jnp.bfloat16
-    impl: str = "auto"
+    impl: Any = "auto"
 
     @nn.compact
     def __call__(self, x: Array, deterministic: bool = True) -> Array:
@@ -186,7 +187,12 @@ class LoRADense(nn.Module):
 
 
 def hf_module_name(path: tuple[str, ...]) -> str:
-    """Our module path ``("layers_3", "mlp", "down_proj")`` -> transformers' ``model.layers.3.mlp.down_proj``."""
+    """Our module path ``("layers_3", "mlp", "down_proj")`` -> transformers' ``model.layers.3.mlp.down_proj``.
+
+    The one HF name the layer itself needs (:class:`LoRADense` matches it against
+    ``QuantConfig.skip_modules``); the checkpoint name maps are in :mod:`qlora_jax.checkpoints`
+    (``hf.hf_tensor_name``, ``hf.config_to_hf``, ``peft.peft_tensor_name``, ``gguf.gguf_tensor_name``).
+    """
     if not path:  # a module applied on its own
         return ""
     head, *rest = path

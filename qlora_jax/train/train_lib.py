@@ -27,13 +27,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
-from tensorboardX import SummaryWriter
 from tqdm.auto import tqdm
 
-from qlora_jax import optim, parallel, quant
-from qlora_jax.checkpoints import load_pretrained
+from qlora_jax import kernels, optim, parallel
+from qlora_jax.checkpoints import (
+    load_pretrained,
+    pretrained_model,
+)
 from qlora_jax.data import (
     Batches,
     ByteTokenizer,
@@ -49,9 +50,10 @@ from qlora_jax.data import (
     tokenize,
 )
 from qlora_jax.nn import LlamaConfig, LlamaForCausalLM, LoRAConfig, QuantConfig, generate, merge_params, split_params
-from qlora_jax.nn.llama import unstack_layers
-from qlora_jax.optim import paged
-from qlora_jax.train import export
+from qlora_jax.optim import Optimizer, OptimizerConfig
+from qlora_jax.train.exports import write_exports
+from qlora_jax.train.metrics import MetricsWriter
+from qlora_jax.train.state import StateLayout, TrainTree, abstract_variables, quantized_leaves, state_layout
 from qlora_jax.train.steps import TrainState, make_eval_step, make_train_step, target_mask
 from qlora_jax.train.validate import validate_config
 from qlora_jax.train.workdir import (
@@ -82,15 +84,20 @@ def _lora_config(config) -> LoRAConfig:
 
 
 def build_model(config):
-    """(model, variables, tokenizer, model_config): loaded from ``model_path`` or built from seed."""
+    """``(model, tokenizer)`` of the run: the checkpoint's architecture (``model_path``) or
+    ``config.model``'s; nothing is loaded or initialized yet (:func:`setup` does, into the shards).
+
+    The kernels are a static choice made here, once, for this process's devices
+    (:func:`qlora_jax.kernels.for_device`), and passed down to every layer.
+    """
     dtype = jnp.dtype(config.train.dtype)
     lora, quant = _lora_config(config), _quant_config(config)
+    kw = dict(remat=config.train.remat, impl=kernels.for_device(jax.local_devices()[0]))
     if config.model_path:
-        model, variables = load_pretrained(
-            config.model_path, quant=quant, lora=lora, dtype=dtype, seed=config.seed, remat=config.train.remat,
-            check_finite=config.check_finite, scan_layers=config.model.scan_layers, progress=config.progress,
-        )  # fmt: skip
-        return model, variables, load_tokenizer(config.model_path), model.config
+        model = pretrained_model(
+            config.model_path, quant=quant, lora=lora, dtype=dtype, scan_layers=config.model.scan_layers, **kw
+        )
+        return model, load_tokenizer(config.model_path)
     tok = ByteTokenizer()
     m = config.model
     cfg = LlamaConfig(
@@ -99,14 +106,23 @@ def build_model(config):
         num_key_value_heads=m.num_key_value_heads, max_position_embeddings=m.max_position_embeddings,
         bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
     )  # fmt: skip
-    model = LlamaForCausalLM(
-        cfg, lora=lora, quant=quant, dtype=dtype, remat=config.train.remat, scan_layers=config.model.scan_layers
-    )
-    # eager on purpose: jax.jit(model.init) takes 2.1 s instead of 5.5 s here, but XLA compiles the
-    # random normal init differently (ulps in ~27 % of the weights), so every run and notebook
-    # result measured from this seed would change
-    variables = model.init(jax.random.key(config.seed), jnp.ones((1, 8), jnp.int32))
-    return model, variables, tok, cfg
+    return LlamaForCausalLM(cfg, lora=lora, quant=quant, dtype=dtype, scan_layers=config.model.scan_layers, **kw), tok
+
+
+def _variables(config, model, layout: StateLayout, shardings: TrainTree) -> dict:
+    """The model's variables, the base already in its shardings (loaded straight into them)."""
+    trained_base = layout.trainable == "full"
+    if config.model_path:
+        _, variables = load_pretrained(
+            config.model_path, quant=model.quant, lora=model.lora, dtype=model.dtype, seed=config.seed,
+            remat=model.remat, impl=model.impl, scan_layers=model.scan_layers, check_finite=config.check_finite,
+            progress=config.progress, sharding=shardings.params if trained_base else shardings.base,
+        )  # fmt: skip
+        return variables
+    # a random base is a toy: initialized on the host, then split. Eager on purpose: jax.jit(model.init)
+    # takes 2.1 s instead of 5.5 s here, but XLA compiles the random normal init differently (ulps in
+    # ~27 % of the weights), so every run and notebook result measured from this seed would change
+    return model.init(jax.random.key(config.seed), jnp.ones((1, 8), jnp.int32))
 
 
 @dataclasses.dataclass
@@ -181,24 +197,9 @@ def build_data(config, tok) -> Data:
     return Data(batches, eval_batches, generation, stop_ids(tok, template))
 
 
-def build_optimizer(config):
-    """``(optimizer, schedule)`` of ``config.train`` (a config :func:`validate_config` accepted)."""
-    t = config.train
-    warmup = round(t.warmup_ratio * t.steps)
-    after = max(t.steps - warmup, 1)
-    decays = {
-        "constant": lambda: optax.constant_schedule(t.learning_rate),
-        "cosine": lambda: optax.cosine_decay_schedule(t.learning_rate, after),
-        "linear": lambda: optax.linear_schedule(t.learning_rate, 0.0, after),
-    }
-    schedule = optax.join_schedules(
-        [optax.linear_schedule(0.0, t.learning_rate, max(warmup, 1)), decays[t.lr_schedule]()], [warmup]
-    )
-    adam = optim.adamw(schedule, b2=t.adam_b2, weight_decay=t.weight_decay, eight_bit=t.optimizer.endswith("8bit"))
-    inner = optax.chain(optax.clip_by_global_norm(t.max_grad_norm), adam)
-    if not t.optimizer.startswith("paged"):
-        return inner, schedule
-    return paged(inner, min_size=t.paged_min_size, chunk_bytes=t.paged_chunk_bytes or None), schedule
+def build_optimizer(config) -> Optimizer:
+    """The optimizer of ``config.train`` (:func:`qlora_jax.optim.build_optimizer`, the one builder)."""
+    return optim.build_optimizer(OptimizerConfig.from_config(config.train))
 
 
 def _evaluate(eval_step, params, frozen, eval_batches, sharding, config):
@@ -250,49 +251,84 @@ def _stop_diverged(ckpt, workdir, what: str, checkpoint_every: int):
     raise FloatingPointError(f"{what}; stopping. {kept}")
 
 
-def setup(config, mesh):
-    """Model, tokenizer, frozen base and train state, placed on ``mesh`` as ``config.sharding`` says.
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What :func:`setup` builds: the model, its optimizer, the abstract state and its shardings
+    (one :class:`~qlora_jax.train.state.StateLayout`), and the placed base and train state."""
 
-    ``config`` is one :func:`validate_config` accepted. Returns ``(model, tokenizer, model_config,
-    frozen, state, tx, schedule)``.
+    model: LlamaForCausalLM
+    tokenizer: Any
+    optimizer: Optimizer
+    layout: StateLayout
+    shardings: TrainTree  # NamedShardings of base, params and opt_state on the run's mesh
+    base: Any  # the "base" collection, in its shardings (empty under trainable='full': it is state.params)
+    state: TrainState
+
+    @property
+    def model_config(self) -> LlamaConfig:
+        return self.model.config
+
+    @property
+    def state_shardings(self) -> TrainState:
+        step = self.state.step.sharding
+        return TrainState(step, self.shardings.params, self.shardings.opt_state)
+
+
+def setup(config, mesh) -> Setup:
+    """Model, tokenizer, base and train state, placed on ``mesh`` as ``config.sharding`` says.
+
+    The state is first built abstract (:func:`~qlora_jax.train.state.state_layout`: ``eval_shape``
+    of the model's and the optimizer's init), its shardings derived from it, and only then is the
+    base loaded straight into them (each process reading the rows its devices hold) and the
+    adapters and optimizer state created there. ``config`` is one :func:`validate_config` accepted.
     """
     parallel.check_batch_size(mesh, config.train.batch_size)
-    model, variables, tok, model_cfg = build_model(config)
-    params, frozen = split_params(variables)
-    if _full(config):
-        params, frozen = frozen, {}  # every base weight is trainable
-        per_layer = unstack_layers(params)
-        stored = [x for x in jax.tree.leaves(per_layer, is_leaf=quant.is_quantized) if quant.is_quantized(x)]
-        if stored:  # uint8 codes cannot be differentiated
+    model, tok = build_model(config)
+    optimizer = build_optimizer(config)
+    if config.train.trainable == "full":  # uint8 codes cannot be differentiated
+        # a stacked (scanned) leaf holds one weight per layer
+        stored = sum(
+            x.packed.shape[0] if x.packed.ndim > 1 else 1 for x in quantized_leaves(abstract_variables(model)["base"])
+        )
+        if stored:
             raise ValueError(
                 f"config.train.trainable='full' needs a 16/32-bit base, but config.model_path={config.model_path} "
-                f"stores {len(stored)} weights in 4 bits (a bitsandbytes checkpoint)"
+                f"stores {stored} weights in 4 bits (a bitsandbytes checkpoint)"
             )
-    check_tokenizer(tok, model_cfg, config.model_path)
-    frozen = parallel.place(frozen, parallel.frozen_shardings(frozen, mesh))
-    params = parallel.place(
-        params, parallel.tree_shardings(params, mesh, config.sharding.params, "config.sharding.params")
-    )
-    tx, schedule = build_optimizer(config)
-    opt_state = tx.init(params)
-    opt_shardings = parallel.tree_shardings(opt_state, mesh, config.sharding.opt_state, "config.sharding.opt_state")
+    check_tokenizer(tok, model.config, config.model_path)
+    layout = state_layout(
+        model, optimizer, config.train.trainable, mesh.shape["fsdp"], config.sharding.params,
+        config.sharding.opt_state,
+    )  # fmt: skip
+    shardings = layout.shardings(mesh)
+    params, base = split_params(_variables(config, model, layout, shardings))
+    if layout.trainable == "full":
+        params, base = base, {}  # every base weight is trainable
+    base = parallel.place(base, shardings.base)
+    params = parallel.place(params, shardings.params)
+    opt_state = parallel.place(optimizer.tx.init(params), shardings.opt_state)
+    _check_layout(layout, TrainTree(base, params, opt_state))
     step = jnp.int32(0)
-    state = TrainState(
-        parallel.place(step, parallel.array_sharding(step, mesh, "replicated")),
-        params,
-        parallel.place(opt_state, opt_shardings),
-    )
-    return model, tok, model_cfg, frozen, state, tx, schedule
+    state = TrainState(parallel.place(step, parallel.array_sharding(step, mesh, "replicated")), params, opt_state)
+    return Setup(model, tok, optimizer, layout, shardings, base, state)
 
 
-def jit_train_step(model, tx, schedule, state_shardings, seed: int, collection: str = "params"):
-    """The jitted step ``(state, frozen, batch) -> (state, metrics)``; the state keeps its shardings
+def _check_layout(layout: StateLayout, built: TrainTree) -> None:
+    """The state built must be the abstract one the shardings and the planner were derived from."""
+    want = jax.tree.map(lambda x: (tuple(x.shape), jnp.dtype(x.dtype)), layout.abstract)
+    got = jax.tree.map(lambda x: (tuple(x.shape), jnp.dtype(x.dtype)), built)
+    if want != got:
+        raise AssertionError(f"the train state built differs from its abstract layout: {got} vs {want}")
+
+
+def jit_train_step(model, optimizer: Optimizer, state_shardings, seed: int, collection: str = "params"):
+    """The jitted step ``(state, base, batch) -> (state, metrics)``; the state keeps its shardings
     (and memory kinds) and is donated. The dropout key is a function of ``seed`` and the step, so
     a resumed run draws the same masks."""
     base_key = jax.random.key(seed + 1)
-    step_fn = make_train_step(model, tx, schedule, collection)
+    step_fn = make_train_step(model, optimizer.tx, optimizer.schedule, collection)
     return jax.jit(
-        lambda state, frozen, batch: step_fn(state, frozen, batch, jax.random.fold_in(base_key, state.step)),
+        lambda state, base, batch: step_fn(state, base, batch, jax.random.fold_in(base_key, state.step)),
         donate_argnums=(0,),
         out_shardings=(state_shardings, None),
     )
@@ -304,12 +340,6 @@ def _full(config) -> bool:
 
 def _collection(config) -> str:
     return "base" if _full(config) else "params"
-
-
-def _save_tokenizer(tok, path) -> None:
-    """A checkpoint we write carries our byte tokenizer, so it works as ``config.model_path``."""
-    if isinstance(tok, ByteTokenizer):
-        tok.save(path)
 
 
 def _is_chief() -> bool:
@@ -393,8 +423,7 @@ class _Run:
     frozen: dict
     data: Data
     eval_step: Any
-    metrics_file: pathlib.Path
-    tensorboard: Any = None
+    metrics: MetricsWriter | None = None
     answers: dict = dataclasses.field(default_factory=dict)  # step -> the greedy answers its evaluation made
 
     @property
@@ -433,12 +462,12 @@ def _run(config, workdir: pathlib.Path, ckpt: Checkpoints, chief: bool) -> dict:
             raise write_failed(workdir / "run_config.json", e, ckpt) from e
     resume_step = ckpt.newest_intact()  # before the (slow) model build: a damaged workdir fails fast
     mesh = parallel.make_mesh(config.mesh.to_dict())
-    model, tok, model_cfg, frozen, state, tx, schedule = setup(config, mesh)
+    built = setup(config, mesh)
+    model, tok, state = built.model, built.tokenizer, built.state
     data = build_data(config, tok)
-    state_shardings = jax.tree.map(lambda x: x.sharding, state)
     run = _Run(
-        config, workdir, ckpt, chief, mesh, model, tok, model_cfg, frozen, data,
-        jax.jit(make_eval_step(model, _collection(config))), workdir / "metrics.jsonl",
+        config, workdir, ckpt, chief, mesh, model, tok, model.config, built.base, data,
+        jax.jit(make_eval_step(model, _collection(config))),
     )  # fmt: skip
 
     start, window = 0, None
@@ -449,56 +478,22 @@ def _run(config, workdir: pathlib.Path, ckpt: Checkpoints, chief: bool) -> dict:
         start = int(state.step)
         logging.info("resumed from step %d", start)
     again = start == 0 and final is None  # (re-)evaluate the model before training: no row of before stays
-    rows = _read_metrics(run.metrics_file, start) if chief and not again else []
+    # keeps only what the restored state had logged; a killed run may have logged further
+    run.metrics = MetricsWriter(workdir, chief, start, fresh=again, ckpt=ckpt)
+    rows = run.metrics.rows
     # a run killed after its last checkpoint (during the exports) has its final row logged already
     last = final or (rows[-1] if start and rows and rows[-1]["step"] == start else {})
-    if chief:  # keep only what the restored state had logged; a killed run may have logged further
-        run.metrics_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        run.tensorboard = SummaryWriter(str(workdir / "tensorboard"), purge_step=0 if again else start + 1)
     try:
         if again:  # the model before training (or, with train.steps=0, only that)
             with jax.set_mesh(mesh):
                 last = {"step": 0, **run.evaluate(state.params, 0)}
-            if chief:
-                _log(run, last)
+            run.metrics.write(last)
         if start < t.steps:
-            train_step = jit_train_step(model, tx, schedule, state_shardings, config.seed, run.collection)
+            train_step = jit_train_step(model, built.optimizer, built.state_shardings, config.seed, run.collection)
             state, last = _train(run, train_step, state, start, window)
     finally:
-        if run.tensorboard is not None:
-            try:
-                run.tensorboard.close()
-            except OSError as e:  # a full disk: keep the error that stopped the run, if any, in front
-                logging.warning("%s: the TensorBoard event file could not be written: %s", workdir, e)
+        run.metrics.close()
     return _finish(run, state, last, write_final=final is None)
-
-
-def _read_metrics(metrics_file: pathlib.Path, upto: int) -> list[dict]:
-    """The rows of ``metrics.jsonl`` up to step ``upto``; a line cut short (a full disk, a kill
-    mid-write) is dropped."""
-    rows = []
-    if metrics_file.exists():
-        for line in metrics_file.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                logging.warning("%s: dropped a partial line %r", metrics_file, line[:80])
-                continue
-            if row["step"] <= upto:
-                rows.append(row)
-    return rows
-
-
-def _log(run: _Run, row: dict) -> None:
-    """Append a row to ``metrics.jsonl`` and TensorBoard (process 0)."""
-    try:
-        with run.metrics_file.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-    except OSError as e:
-        raise write_failed(run.metrics_file, e, run.ckpt) from e
-    for k, v in row.items():
-        if k != "step":
-            run.tensorboard.add_scalar(k, v, row["step"])
 
 
 def _train(run: _Run, train_step, state, start: int, window: dict | None = None):
@@ -559,8 +554,7 @@ def _train(run: _Run, train_step, state, start: int, window: dict | None = None)
                 if evaluate:
                     m.update(run.evaluate(state.params, done))
                 last = {"step": done, **m}
-                if run.chief:
-                    _log(run, last)
+                run.metrics.write(last)
                 bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{m['tokens_per_sec']:.0f}")
                 window = {"tokens": 0, "targets": 0, "start": time.perf_counter()}
             if done % config.checkpoint_every == 0 or done == t.steps:
@@ -588,27 +582,7 @@ def _finish(run: _Run, state, last: dict, write_final: bool) -> dict:
                 for it, a in zip(run.data.generation, answers, strict=True):
                     f.write(json.dumps({"source": it.prompt, "target": it.target, "generated": a}) + "\n")
     if run.chief:
-        out = workdir / "export"
-        if _full(config):  # the trained model itself: usable as another run's config.model_path
-            export.export_hf(out / "model", model_cfg, params_host)
-            _save_tokenizer(tok, out / "model")
-        else:
-            export.export_peft_adapter(out / "adapter", params_host, lora, config.model_path or str(out / "base"))
-            if not config.model_path:
-                export.export_hf(out / "base", model_cfg, base)
-                _save_tokenizer(tok, out / "base")
-        if config.export.merged and not _full(config):
-            export.export_hf(out / "merged", model_cfg, base, dtype=jnp.bfloat16, params=params_host, lora=lora)
-            _save_tokenizer(tok, out / "merged")
-        if config.export.gguf:  # the merged model (or the trained one) for llama.cpp / Ollama
-            weights = dict(params=None, lora=None) if _full(config) else dict(params=params_host, lora=lora)
-            export.export_gguf(
-                out / "model.gguf", model_cfg, params_host if _full(config) else base, tok, config.export.gguf,
-                **weights,
-            )  # fmt: skip
-        if config.export.quantized and _quant_config(config) is not None:
-            export.export_quantized(out / "quantized", model_cfg, base, _quant_config(config))
-            _save_tokenizer(tok, out / "quantized")
+        write_exports(config, workdir / "export", model_cfg, tok, params_host, base, lora, _quant_config(config))
         if write_final:
             (workdir / "final_metrics.json").write_text(json.dumps(last, indent=2) + "\n")
     return last

@@ -54,20 +54,20 @@ def shards_dequantize_alone(frozen):
 
 
 def main(workdir, params_mode, opt_mode):
-    c = tiny.get_config()
+    c = tiny.get_config("small")  # its batch of 8; the model and the data are the probe's own:
     # hidden 256: q_proj [256, 256] splits into whole nested blocks over 4 devices, k_proj [128, 256]
     # does not (512 blocks / 4 = 128 < 256) and stays replicated
     c.model.hidden_size, c.model.intermediate_size, c.model.num_hidden_layers = 256, 512, 2
     c.data.num_train, c.data.source_max_len, c.data.target_max_len = 16, 24, 8
-    c.train.batch_size = 8
     c.train.paged_min_size = 1024  # pages the q_proj adapter moments ([2, 16, 256]), not the scalars
     c.mesh.data, c.mesh.fsdp = 2, 4
     c.sharding.params, c.sharding.opt_state = params_mode, opt_mode
     mesh = parallel.make_mesh(c.mesh.to_dict())
-    model, tok, _, frozen, state, tx, schedule = train_lib.setup(c, mesh)
-    batches = train_lib.build_data(c, tok).train
-    shardings = jax.tree.map(lambda x: x.sharding, state)
-    step = train_lib.jit_train_step(model, tx, schedule, shardings, c.seed)
+    built = train_lib.setup(c, mesh)
+    frozen, state = built.base, built.state
+    batches = train_lib.build_data(c, built.tokenizer).train
+    assert jax.tree.map(lambda x: x.sharding, state) == built.state_shardings  # the layout's, as built
+    step = train_lib.jit_train_step(built.model, built.optimizer, built.state_shardings, c.seed)
     before = describe(state)
     batch = {k: v[None] for k, v in next(batches).items()}
     with jax.set_mesh(mesh):

@@ -144,8 +144,8 @@ def test_sharding_of_frozen_params_and_paged_state_on_2x4_mesh(tmp_path):
     probe = json.loads(out.stdout.strip().splitlines()[-1])
     frozen = probe["base"]
     q, k = (
-        "['base']['layers']['self_attn']['q_proj']['kernel']",
-        "['base']['layers']['self_attn']['k_proj']['kernel']",
+        "['layers']['self_attn']['q_proj']['kernel']",
+        "['layers']['self_attn']['k_proj']['kernel']",
     )  # scanned layers: a leading [L] axis, each layer's rows split
     assert [frozen[f"{q}.{f}"][0] for f in ("packed", "absmax", "nested_absmax", "offset")] == [
         "P(None, 'fsdp')", "P(None, 'fsdp')", "P(None, 'fsdp')", "P()",
@@ -195,3 +195,55 @@ def test_two_processes_train_like_one(one_device, tmp_path):
     assert (tmp_path / "export" / "adapter" / "adapter_model.safetensors").exists()
     assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 2
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["3", "6"]
+
+
+def _checkpoint(tmp_path) -> Path:
+    """A float32 checkpoint whose 4-bit linears all split block-aligned over 8 devices."""
+    import jax
+    import jax.numpy as jnp
+
+    from qlora_jax.checkpoints import export_hf
+    from qlora_jax.nn import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4)
+    model = LlamaForCausalLM(cfg, dtype=jnp.float32, scan_layers=False)
+    export_hf(tmp_path / "ckpt", cfg, model.init(jax.random.key(0), jnp.ones((1, 4), jnp.int32))["base"])
+    return tmp_path / "ckpt"
+
+
+def _check_load(out: dict) -> None:
+    assert out["same"]  # every shard equals the one-device load split afterwards, byte for byte
+    assert out["split_quantized"] == 7  # every linear of the (scanned) block is split, none replicated
+    for device, peak in out["peak"].items():  # never more than its shards plus the tensor in flight
+        assert peak <= out["final"][device] + out["piece"][device], (device, out)
+        assert out["final"][device] < out["total"] / out["devices"]  # 4-bit shards: far below a 1/8 copy
+
+
+def test_load_goes_straight_into_eight_shards(tmp_path):
+    path = _checkpoint(tmp_path)
+    cmd = [sys.executable, str(ROOT / "tests" / "parallel" / "load_probe.py"), str(path)]
+    out = json.loads(subprocess.run(cmd, cwd=ROOT, env=_env(8), capture_output=True, text=True, check=True).stdout)
+    assert out["devices"] == 8 and len(out["peak"]) == 8
+    _check_load(out)
+    assert out["read"] == out["total"]  # one process holds every shard: it reads every byte once
+
+
+def test_two_processes_each_read_half_of_the_checkpoint(tmp_path):
+    path = _checkpoint(tmp_path)
+    port = _free_port()
+    cmd = [sys.executable, str(ROOT / "tests" / "parallel" / "load_probe.py"), str(path), f"localhost:{port}", "2"]
+    procs = [
+        subprocess.Popen(
+            [*cmd, str(i)], cwd=ROOT, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    for stdout, _ in outs:
+        out = json.loads(stdout.splitlines()[-1])
+        assert out["devices"] == 8 and len(out["peak"]) == 4  # this process's devices only
+        _check_load(out)
+        # only its devices' rows (the 2 KiB of norms and embedding columns it cuts alike)
+        assert 0.49 < out["read"] / out["total"] < 0.51, out

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 import pytest
-from finetune_cli import ROOT, SMALL
+from finetune_cli import ROOT, SHRINK, SMALL
 from finetune_cli import cmd as _cmd
 from finetune_cli import metrics as _metrics
 from finetune_cli import run as _run
@@ -143,19 +143,16 @@ def test_merged_and_quantized_exports_load_back(tmp_path):
     import jax
     import jax.numpy as jnp
 
-    from qlora_jax.checkpoints import load_pretrained
+    from qlora_jax.checkpoints import export_gguf, export_hf, export_quantized, load_pretrained
     from qlora_jax.nn import LoRAConfig, QuantConfig
     from qlora_jax.nn.llama import unstack_layers
-    from qlora_jax.train import export
 
     src = ROOT / "tests" / "fixtures" / "hf" / "llama_gqa"
     model, v = load_pretrained(
         src, quant=QuantConfig(), lora=LoRAConfig(rank=4, dropout=0.0), dtype=jnp.float32, progress=False
     )
     v["params"] = jax.tree.map(lambda a: a + 0.01, v["params"])
-    export.export_hf(
-        tmp_path / "merged", model.config, v["base"], dtype=jnp.float32, params=v["params"], lora=model.lora
-    )
+    export_hf(tmp_path / "merged", model.config, v["base"], dtype=jnp.float32, params=v["params"], lora=model.lora)
     # the merged weight is dequant(W) + s * B @ A rounded to bf16: within one bf16 step of the
     # float64 merge, element by element
     from qlora_jax import quant
@@ -176,19 +173,15 @@ def test_merged_and_quantized_exports_load_back(tmp_path):
     # float32, as llama.cpp writes them): equal to the merged transformers export in those dtypes
     from qlora_jax.checkpoints import open_gguf
 
-    export.export_gguf(
-        tmp_path / "model.gguf", model.config, v["base"], None, "f16", params=v["params"], lora=model.lora
-    )
+    export_gguf(tmp_path / "model.gguf", model.config, v["base"], None, "f16", params=v["params"], lora=model.lora)
     for dtype in (jnp.float16, jnp.float32):
-        export.export_hf(
-            tmp_path / dtype.__name__, model.config, v["base"], dtype=dtype, params=v["params"], lora=model.lora
-        )
+        export_hf(tmp_path / dtype.__name__, model.config, v["base"], dtype=dtype, params=v["params"], lora=model.lora)
     f16, f32 = (load_file(tmp_path / n / "model.safetensors") for n in ("float16", "float32"))
     _, _, tensors = open_gguf(tmp_path / "model.gguf")
     assert set(tensors.files) == set(f16)
     for name, x in f16.items():
         np.testing.assert_array_equal(tensors.get(name), (x if x.ndim == 2 else f32[name]).astype(np.float32), name)
-    export.export_quantized(tmp_path / "quantized", model.config, v["base"], QuantConfig())
+    export_quantized(tmp_path / "quantized", model.config, v["base"], QuantConfig())
     _, q = load_pretrained(tmp_path / "quantized", quant=None, dtype=jnp.float32, progress=False)
     a = v["base"]["layers"]["mlp"]["up_proj"]["kernel"]  # both scanned: stacked alike
     b = q["base"]["layers"]["mlp"]["up_proj"]["kernel"]
@@ -200,8 +193,9 @@ def test_full_parameter_pre_step_exports_a_base_the_next_run_loads(tmp_path):
     is then a model_path: an evaluation-only run (train.steps=0) with a fresh adapter (B = 0) on it
     scores the same eval loss."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    common = [a for a in SMALL if not a.startswith(("--config.train.learning_rate", "--config.num_generate"))]
-    common += ["--config.num_generate=0", "--config.train.dtype=float32"]
+    # configs/tiny_pretrain.py has no small variant: its sizes come as flags (SHRINK)
+    small = [a for a in SMALL if not a.startswith(("--config.train.learning_rate", "--config.num_generate"))]
+    common = [*SHRINK, *small, "--config.num_generate=0", "--config.train.dtype=float32"]
     cmd = [sys.executable, "-m", "experiments.finetune", "--config=experiments/configs/tiny_pretrain.py"]
     subprocess.run(
         [*cmd, f"--workdir={tmp_path / 'pre'}", *common, "--config.train.steps=20", "--config.eval_every=20"],
@@ -300,9 +294,9 @@ def chat_checkpoint(tmp_path_factory):
     import jax
     import jax.numpy as jnp
 
+    from qlora_jax.checkpoints import export_hf
     from qlora_jax.data import load_tokenizer
     from qlora_jax.nn import LlamaConfig, LlamaForCausalLM
-    from qlora_jax.train import export
 
     root = tmp_path_factory.mktemp("chat")
     src = ROOT / "tests" / "fixtures" / "chat" / "smollm2"
@@ -310,7 +304,7 @@ def chat_checkpoint(tmp_path_factory):
     cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                       bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)  # fmt: skip
     frozen = LlamaForCausalLM(cfg, dtype=jnp.float32).init(jax.random.key(0), jnp.ones((1, 4), jnp.int32))["base"]
-    export.export_hf(root / "model", cfg, frozen)
+    export_hf(root / "model", cfg, frozen)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(src / name, root / "model" / name)
     rng = np.random.default_rng(0)

@@ -84,7 +84,7 @@ def test_learning_rate_schedule_warms_up_then_follows_its_shape(kind):
 
     c = tiny.get_config()
     c.train.steps, c.train.warmup_ratio, c.train.learning_rate, c.train.lr_schedule = 110, 10 / 110, 1e-3, kind
-    _, schedule = build_optimizer(c)
+    schedule = build_optimizer(c).schedule
     lr = {s: float(schedule(s)) for s in (5, 10, 60, 110)}
     # 10 warmup steps, then 100 steps of decay: halfway (step 60) cosine and linear are both at lr / 2
     want = {"constant": (5e-4, 1e-3, 1e-3, 1e-3), "cosine": (5e-4, 1e-3, 5e-4, 0.0), "linear": (5e-4, 1e-3, 5e-4, 0.0)}
@@ -134,16 +134,16 @@ def test_bf16_adapters_keep_the_train_states_types_and_one_compilation(optimizer
     from qlora_jax import parallel
     from qlora_jax.train import train_lib
 
-    c = tiny.get_config()
-    c.model.hidden_size, c.model.intermediate_size, c.model.num_hidden_layers = 64, 128, 1
+    c = tiny.get_config("small")
     c.lora.dtype, c.train.optimizer, c.train.batch_size, c.train.paged_min_size = "bfloat16", optimizer, 4, 1000
     mesh = parallel.make_mesh(c.mesh.to_dict())
-    model, _, _, frozen, state, tx, schedule = train_lib.setup(c, mesh)
+    built = train_lib.setup(c, mesh)
+    model, frozen, state = built.model, built.base, built.state
     types = lambda tree: [(x.dtype, x.shape) for x in jax.tree.leaves(tree)]  # noqa: E731
     before = types(state.opt_state)
     if not optimizer.endswith("8bit"):  # both moments float32 (the 8-bit ones are codes + scales)
         assert {d for d, _ in before} == {jnp.dtype(jnp.int32), jnp.dtype(jnp.float32)}
-    step = train_lib.jit_train_step(model, tx, schedule, jax.tree.map(lambda x: x.sharding, state), seed=0)
+    step = train_lib.jit_train_step(model, built.optimizer, built.state_shardings, seed=0)
     batch = {k: jnp.asarray(v)[None] for k, v in _batch(np.random.default_rng(0)).items()}
     with jax.set_mesh(mesh):
         for _ in range(3):

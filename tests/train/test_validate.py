@@ -34,6 +34,23 @@ def test_every_key_of_tiny_has_a_rule():
     assert sorted(flatten(tiny.get_config())) == sorted(RULES)
 
 
+def test_the_small_variant_is_tiny_shrunk_and_valid():
+    """``--config=experiments/configs/tiny.py:small``: the same keys, valid, only SMALL's values changed."""
+    full, small = flatten(tiny.get_config()), flatten(tiny.get_config("small"))
+    validate_config(tiny.get_config("small"))
+    assert sorted(small) == sorted(full)
+    assert {k: v for k, v in small.items() if v != full[k]} == tiny.SMALL
+    assert small["model.num_hidden_layers"] == 1 and small["num_generate"] == 0
+    assert flatten(tiny.get_config("")) == full  # "tiny.py:" is the full config
+    assert flatten(tiny.shrink(tiny_pretrain.get_config()))["train.batch_size"] == 8
+    validate_config(tiny.shrink(tiny_pretrain.get_config()))
+
+
+def test_an_unknown_variant_of_tiny_is_refused_naming_it():
+    with pytest.raises(ValueError, match=r"unknown config variant 'smal' .*tiny.py:smal\); the variants: 'small'"):
+        tiny.get_config("smal")
+
+
 @pytest.mark.parametrize(
     "key, value, match",
     [
