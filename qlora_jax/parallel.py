@@ -3,7 +3,7 @@ the batch, the frozen 4-bit base, the adapters and the optimizer state, and mult
 
     mesh = make_mesh({"data": -1, "fsdp": 4})          # -1: the devices left over
     frozen = place(frozen, frozen_shardings(frozen, mesh))
-    params = place(params, tree_shardings(params, mesh, "fsdp"))
+    params = place(params, to_shardings(tree_specs(params, mesh.shape["fsdp"], "fsdp"), mesh))
     with jax.set_mesh(mesh):                             # LoRADense gathers each base weight
         state, metrics = train_step(state, frozen, global_batch(batch, batch_sharding(mesh, 3)), rng)
 
@@ -182,11 +182,6 @@ def frozen_shardings(frozen, mesh: Mesh):
 def tree_specs(tree, fsdp: int, mode: str, what: str = "sharding mode"):
     """PartitionSpecs for adapters or optimizer state: every leaf by :func:`array_spec`."""
     return jax.tree.map(lambda x: array_spec(tuple(np.shape(x)), fsdp, mode, what), tree)
-
-
-def tree_shardings(tree, mesh: Mesh, mode: str, what: str = "sharding mode"):
-    """Shardings for adapters or optimizer state: every leaf by :func:`array_sharding`."""
-    return jax.tree.map(lambda x: array_sharding(x, mesh, mode, what), tree)
 
 
 def _is_spec(x) -> bool:
