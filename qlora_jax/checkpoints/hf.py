@@ -358,6 +358,14 @@ def _load_frozen(
     if stack:
         flat = dict(sorted(flat.items(), key=lambda kv: _layer_major(kv[0])))
     flat_shardings = traverse_util.flatten_dict(shardings)
+    want = set(traverse_util.flatten_dict(abstract_base))
+    if set(flat_shardings) != want:  # a tree for another layout (scanned vs unrolled) or another model
+        missing = sorted(".".join(k) for k in want - set(flat_shardings))
+        extra = sorted(".".join(k) for k in set(flat_shardings) - want)
+        raise ValueError(
+            f"{root}: sharding= does not match this model's base (scan_layers={stack}): missing {missing[:5]}, "
+            f"unexpected {extra[:5]}"
+        )
     flat_stacked = traverse_util.flatten_dict(abstract_base) if stack else {}
     used: set[str] = set()
     out = {}

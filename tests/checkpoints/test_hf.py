@@ -295,3 +295,18 @@ def test_scanned_load_stacks_the_unrolled_tensors():
     for k in a:
         for x, y in zip(jax.tree.leaves(a[k]), jax.tree.leaves(b[k]), strict=True):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=str(k))
+
+
+def test_a_sharding_tree_of_another_layout_is_named():
+    """A ``sharding=`` for the unrolled layout given to a scanned load: named, not a KeyError."""
+    from qlora_jax import parallel
+    from qlora_jax.checkpoints import pretrained_model
+    from qlora_jax.train.state import abstract_variables
+
+    unrolled = pretrained_model(HF / "llama_gqa", scan_layers=False)
+    mesh = parallel.make_mesh({"data": 1, "fsdp": 1}, devices=jax.devices()[:1])
+    wrong = parallel.frozen_shardings(abstract_variables(unrolled)["base"], mesh)
+    with pytest.raises(
+        ValueError, match=r"sharding= does not match this model's base \(scan_layers=True\): missing \['layers"
+    ):
+        load_pretrained(HF / "llama_gqa", sharding=wrong, progress=False)
