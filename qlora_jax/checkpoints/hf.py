@@ -19,6 +19,7 @@ bitsandbytes 4-bit checkpoint); :func:`hf_tensors` gives the tensors they and
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -98,6 +99,14 @@ class _Tensors:
     def shape(self, name: str) -> tuple[int, ...]:
         with safe_open(self._file(name), "np") as f:
             return tuple(f.get_slice(name).get_shape())
+
+    def spec(self, name: str) -> jax.ShapeDtypeStruct:
+        """Shape and dtype of tensor ``name``, from the file's header (an empty slice: no data read)."""
+        with safe_open(self._file(name), "np") as f:
+            sl = f.get_slice(name)
+            shape = tuple(sl.get_shape())
+            empty = sl[:0] if shape else f.get_tensor(name)
+        return jax.ShapeDtypeStruct(shape, empty.dtype)
 
     def get(self, name: str) -> np.ndarray:
         with safe_open(self._file(name), "np") as f:
@@ -191,7 +200,28 @@ def bnb_quant_config(raw: dict) -> QuantConfig | None:
     )
 
 
-def _model_for(root, config, prequant, quant, lora, dtype, remat, impl, scan_layers) -> LlamaForCausalLM:
+_PROBE_LINEAR = "model.layers.0.self_attn.q_proj.weight"
+
+
+def weight_dtype(tensors, prequant: bool) -> str:
+    """The dtype the checkpoint's linear weights are stored in (for a bitsandbytes checkpoint, the
+    one its 4-bit weights were quantized from, as its quant_state records): what the base's
+    QuantizedTensors record (:attr:`QuantConfig.weight_dtype`). float32 where the checkpoint does
+    not say (a GGUF file decodes to float32); a malformed tensor is named later, by the load."""
+    if prequant:
+        key = next((k for k in sorted(tensors.files) if ".quant_state.bitsandbytes__" in k), None)
+        try:
+            name = json.loads(np.asarray(tensors.get(key)).astype(np.uint8).tobytes())["dtype"]
+        except (TypeError, ValueError, KeyError):
+            name = None
+    elif _PROBE_LINEAR in tensors and hasattr(tensors, "spec"):
+        name = jnp.dtype(tensors.spec(_PROBE_LINEAR).dtype).name
+    else:
+        name = None
+    return name if name in ("float32", "bfloat16", "float16") else "float32"
+
+
+def _model_for(root, config, prequant, quant, lora, dtype, remat, impl, scan_layers, tensors) -> LlamaForCausalLM:
     if prequant is not None and quant is not None:
         if (quant.quant_type, quant.double_quant) != (prequant.quant_type, prequant.double_quant):
             raise ValueError(
@@ -199,6 +229,8 @@ def _model_for(root, config, prequant, quant, lora, dtype, remat, impl, scan_lay
                 f"it loads as stored, so quant={quant} cannot apply: pass quant=None"
             )
     storage = prequant or quant
+    if storage is not None:  # the abstract base records the dtype the load's tensors will
+        storage = dataclasses.replace(storage, weight_dtype=weight_dtype(tensors, prequant is not None))
     if scan_layers and (linear := layer_specific_storage(config, storage)) is not None:
         logging.warning(
             "%s: %s is stored differently in different layers (%s); loading with unrolled layers (compile time "
@@ -224,8 +256,8 @@ def pretrained_model(
     weight: its ``jax.eval_shape`` is the abstract state that the shardings are derived from
     before the load (a bitsandbytes checkpoint's stored storage; unrolled layers where a
     storage choice differs between layers)."""
-    root, config, raw, _ = open_checkpoint(path)
-    return _model_for(root, config, bnb_quant_config(raw), quant, lora, dtype, remat, impl, scan_layers)
+    root, config, raw, tensors = open_checkpoint(path)
+    return _model_for(root, config, bnb_quant_config(raw), quant, lora, dtype, remat, impl, scan_layers, tensors)
 
 
 def load_pretrained(
@@ -282,7 +314,7 @@ def load_pretrained(
     """
     root, config, raw, tensors = open_checkpoint(path)
     prequant = bnb_quant_config(raw)
-    model = _model_for(root, config, prequant, quant, lora, dtype, remat, impl, scan_layers)
+    model = _model_for(root, config, prequant, quant, lora, dtype, remat, impl, scan_layers, tensors)
     storage, scan_layers = model.quant, model.scan_layers
     abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
     # tensors are named per layer in every format: read them against the unrolled layout
@@ -329,6 +361,11 @@ def _check_bnb_finite(qt: quant.QuantizedTensor, name: str, where: str) -> None:
     for field, value in fields.items():
         if value is not None and jnp.issubdtype(value.dtype, jnp.floating):
             _check_finite(value, f"{name}.{field}", where)
+
+
+def _storage(qt: quant.QuantizedTensor) -> str:
+    dq = f"double quant {qt.nested_block_size}" if qt.double_quant else "no double quant"
+    return f"{qt.quant_type} blocks of {qt.block_size}, {dq}"
 
 
 def _layer_major(path: tuple[str, ...]) -> tuple:
@@ -378,17 +415,26 @@ def _load_frozen(
         if name not in tensors:
             raise ValueError(f"{root}: checkpoint is missing tensor {name!r} (expected shape {list(expected)})")
         if quant.is_quantized(leaf) and prequant:
-            sd = {name: tensors.get(name)}
-            for k in tensors.files:
-                if k.startswith(name + ".") and (k.rsplit(".", 1)[-1] in _BNB_SUFFIXES or ".quant_state." in k):
-                    sd[k] = tensors.get(k)
-            value = quant.from_bnb_state_dict(sd, prefix=name)
-            if check_finite:
-                _check_bnb_finite(value, name, tensors.where(name))
+            keys = [name] + [
+                k for k in tensors.files
+                if k.startswith(name + ".") and (k.rsplit(".", 1)[-1] in _BNB_SUFFIXES or ".quant_state." in k)
+            ]  # fmt: skip
+            arrays = {name + suffix for _, suffix in quant.BNB_ARRAYS}
+            # the metadata and code tables are read and checked; the stored arrays only described
+            sd = {k: tensors.spec(k) if k in arrays else tensors.get(k) for k in keys}
+            layout = quant.bnb_layout(sd, prefix=name)
             used.update(sd)
-            got = value.shape
-            if tuple(got) == expected and jax.tree.structure(value) == jax.tree.structure(leaf):
-                value = shards.place_host(value, sharding)  # stored bytes, each device its rows
+            got = layout.shape
+            if tuple(got) == expected:
+                layout = layout.replace(dtype=leaf.dtype)  # the checkpoint's first linear decides (weight_dtype)
+                if jax.tree.structure(layout) != jax.tree.structure(leaf):
+                    raise ValueError(
+                        f"{root}: tensor {name!r} is stored as {_storage(layout)} but config.json's "
+                        f"quantization_config implies {_storage(leaf)} (read from {tensors.where(name)})"
+                    )
+                value = shards.read_stored(tensors, name, layout, sharding)  # each device its bytes
+                if check_finite:
+                    _check_bnb_finite(value, name, tensors.where(name))
         else:
             got = tensors.shape(name)
             if tuple(got) == expected:

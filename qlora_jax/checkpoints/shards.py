@@ -10,6 +10,10 @@ shardings (:func:`qlora_jax.parallel.base_specs`), one tensor at a time:
   so each device quantizes its own rows; the one global quantity, double quantization's mean
   offset, is a cross-device reduction whose result does not depend on the order
   (:func:`qlora_jax.quant.blockwise.accurate_mean`): the bytes equal a one-device quantize;
+* a weight stored in 4 bits (a bitsandbytes checkpoint) is checked from its metadata and code
+  tables, then each of its stored arrays (``packed``, ``absmax``, ``nested_absmax``; flat, so a
+  device's rows are one contiguous byte range) is read as the pieces this process's devices hold:
+  the stored bytes, never requantized;
 * other tensors (embeddings, norms, ``lm_head``, biases) are read piece by piece as their spec
   splits them;
 * a scanned layer stack ``[L, ...]`` is a buffer in its final shardings that each layer's pieces
@@ -47,6 +51,8 @@ def read_placed(tensors, name: str, shape: tuple[int, ...], sharding: NamedShard
 
     def piece(index):
         x = tensors.get_slice(name, index)
+        if x.ndim != len(shape):  # stored with trailing unit axes (bitsandbytes' packed [n/2, 1])
+            x = x.reshape(x.shape[: len(shape)])
         if dtype is None:
             return x
         # a value beyond the dtype's range becomes Inf, which the caller's finite check names
@@ -54,6 +60,27 @@ def read_placed(tensors, name: str, shape: tuple[int, ...], sharding: NamedShard
             return np.asarray(x).astype(dtype)
 
     return jax.make_array_from_callback(tuple(shape), sharding, piece)
+
+
+def read_stored(tensors, name: str, layout: quant.QuantizedTensor, qt_sharding) -> quant.QuantizedTensor:
+    """The stored 4-bit weight ``name`` (bitsandbytes' serialization, checked into ``layout`` by
+    :func:`qlora_jax.quant.bnb_layout`) placed into ``qt_sharding``, each array read as this
+    process's devices' pieces. A stored array whose shape is not its flat length plus unit axes
+    (a layout no bitsandbytes writes, but one :func:`~qlora_jax.quant.from_bnb_state_dict`
+    accepts) is read whole and cut."""
+    fields = {}
+    for field, suffix in quant.BNB_ARRAYS:
+        abstract, sharding = getattr(layout, field), getattr(qt_sharding, field)
+        if abstract is None:
+            continue
+        stored = tensors.shape(name + suffix)
+        if stored[:1] == tuple(abstract.shape) and all(d == 1 for d in stored[1:]):
+            fields[field] = read_placed(tensors, name + suffix, tuple(abstract.shape), sharding)
+        else:
+            fields[field] = place_host(np.asarray(tensors.get(name + suffix)).reshape(abstract.shape), sharding)
+    if layout.offset is not None:
+        fields["offset"] = place_host(layout.offset, qt_sharding.offset)
+    return layout.replace(**fields)
 
 
 @functools.cache

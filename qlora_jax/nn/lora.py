@@ -46,6 +46,11 @@ class QuantConfig:
     and ``no_double_quant`` stores them without double quantization; both take module names or
     dotted parts of them (:func:`module_matches`). They are the remedies for a tensor the loader
     reports as quantizing far worse than the rest of the model.
+
+    ``weight_dtype`` is what each QuantizedTensor records as its source dtype (what it dequantizes
+    to by default, and what bitsandbytes serializes as ``dtype``), whatever dtype the weight being
+    quantized came in: the loader sets it to the checkpoint's, so the abstract base the shardings
+    are derived from is the one the load makes.
     """
 
     quant_type: str = "nf4"  # "nf4" | "fp4" | "int4"
@@ -54,6 +59,7 @@ class QuantConfig:
     nested_block_size: int = 256
     skip_modules: tuple[str, ...] = ()
     no_double_quant: tuple[str, ...] = ()
+    weight_dtype: str = "float32"  # "float32" | "bfloat16" | "float16"
 
     def __post_init__(self):
         for field in ("skip_modules", "no_double_quant"):  # tuples: the config stays hashable for jit
@@ -69,7 +75,8 @@ class QuantConfig:
         return self
 
     def quantize(self, w, name: str = "weight") -> quant.QuantizedTensor:
-        return quant.quantize(w, self.quant_type, self.block_size, self.double_quant, self.nested_block_size, name=name)
+        qt = quant.quantize(w, self.quant_type, self.block_size, self.double_quant, self.nested_block_size, name=name)
+        return qt if qt.dtype == self.weight_dtype else qt.replace(dtype=self.weight_dtype)
 
 
 @dataclasses.dataclass(frozen=True)

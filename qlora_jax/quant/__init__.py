@@ -8,9 +8,11 @@ sd = quant.to_bnb_state_dict(qt, prefix="model.layers.0.mlp.up_proj.weight")
 
 from qlora_jax.quant import blockwise, codebooks
 from qlora_jax.quant.tensor import (
+    BNB_ARRAYS,
     QuantizedTensor,
     bits_per_param,
     block_absmax,
+    bnb_layout,
     check_finite,
     dequantize,
     from_bnb_state_dict,
@@ -22,10 +24,12 @@ from qlora_jax.quant.tensor import (
 )
 
 __all__ = [
+    "BNB_ARRAYS",
     "QuantizedTensor",
     "bits_per_param",
     "block_absmax",
     "blockwise",
+    "bnb_layout",
     "check_finite",
     "codebooks",
     "dequantize",

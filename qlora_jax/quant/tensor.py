@@ -310,12 +310,23 @@ def to_bnb_state_dict(qt: QuantizedTensor, prefix: str = "weight") -> dict[str, 
     return sd
 
 
-def from_bnb_state_dict(sd: Mapping[str, Any], prefix: str = "weight") -> QuantizedTensor:
-    """Build a :class:`QuantizedTensor` from bitsandbytes' serialized tensors, without requantizing.
+BNB_ARRAYS = (("packed", ""), ("absmax", ".absmax"), ("nested_absmax", ".nested_absmax"))
+"""The stored arrays of a bitsandbytes 4-bit weight: ``(QuantizedTensor field, key suffix)``."""
 
-    ``sd`` maps key to array (numpy, jax, or anything ``np.asarray`` takes; torch tensors via
-    ``.numpy()``). Raises ``ValueError`` naming the key when a tensor is missing, malformed, or
-    holds a code table other than the canonical NF4/FP4/dynamic maps.
+
+def _numpy(v) -> np.ndarray:
+    return np.asarray(v.numpy() if hasattr(v, "numpy") and not isinstance(v, np.ndarray) else v)
+
+
+def bnb_layout(sd: Mapping[str, Any], prefix: str = "weight") -> QuantizedTensor:
+    """The :class:`QuantizedTensor` that bitsandbytes' serialized tensors ``sd`` hold, checked, with
+    its stored arrays left abstract: ``packed``, ``absmax`` and ``nested_absmax`` are
+    ``jax.ShapeDtypeStruct`` of their flat shapes; ``offset`` (read from the JSON) is concrete.
+
+    The stored arrays (:data:`BNB_ARRAYS`) are checked by dtype and size alone, so ``sd`` may give
+    them as ``jax.ShapeDtypeStruct``: a loader checks a weight from its metadata and code tables,
+    then reads only the pieces of the arrays its devices hold
+    (:mod:`qlora_jax.checkpoints.shards`). Raises ``ValueError`` as :func:`from_bnb_state_dict`.
     """
 
     def get(key: str, required: bool = True):
@@ -325,7 +336,7 @@ def from_bnb_state_dict(sd: Mapping[str, Any], prefix: str = "weight") -> Quanti
                 raise ValueError(f"bnb state dict has no key {key!r} (keys under {prefix!r}: {near})")
             return None
         v = sd[key]
-        return np.asarray(v.numpy() if hasattr(v, "numpy") and not isinstance(v, np.ndarray) else v)
+        return v if isinstance(v, jax.ShapeDtypeStruct) else _numpy(v)
 
     state_keys = [k for k in sd if k.startswith(f"{prefix}.quant_state.bitsandbytes__")]
     if len(state_keys) != 1:
@@ -353,9 +364,9 @@ def from_bnb_state_dict(sd: Mapping[str, Any], prefix: str = "weight") -> Quanti
     nb = blockwise.num_blocks(n, block_size)
 
     def expect(key, arr, dtype, size):
-        if arr.dtype != dtype or arr.size != size:
+        if np.dtype(arr.dtype) != dtype or int(np.prod(arr.shape, dtype=np.int64)) != size:
             raise ValueError(f"{key!r} should be {np.dtype(dtype).name}[{size}]; got {arr.dtype}{list(arr.shape)}")
-        return arr.reshape(-1)
+        return jax.ShapeDtypeStruct((size,), np.dtype(dtype))
 
     packed = expect(prefix, get(prefix), np.uint8, (n + 1) // 2)
     quant_map = get(f"{prefix}.quant_map")
@@ -379,10 +390,9 @@ def from_bnb_state_dict(sd: Mapping[str, Any], prefix: str = "weight") -> Quanti
         if not np.array_equal(nested_map, codebooks.DYNAMIC_SIGNED):
             raise ValueError(f"{prefix}.nested_quant_map is not bitsandbytes' signed dynamic map")
         offset = jnp.asarray(np.float32(meta["nested_offset"]))
-        nested_absmax = jnp.asarray(nested_absmax)
     return QuantizedTensor(
-        packed=jnp.asarray(packed),
-        absmax=jnp.asarray(absmax),
+        packed=packed,
+        absmax=absmax,
         nested_absmax=nested_absmax,
         offset=offset,
         shape=shape,
@@ -391,6 +401,19 @@ def from_bnb_state_dict(sd: Mapping[str, Any], prefix: str = "weight") -> Quanti
         block_size=block_size,
         nested_block_size=nested_block_size,
     )
+
+
+def from_bnb_state_dict(sd: Mapping[str, Any], prefix: str = "weight") -> QuantizedTensor:
+    """Build a :class:`QuantizedTensor` from bitsandbytes' serialized tensors, without requantizing.
+
+    ``sd`` maps key to array (numpy, jax, or anything ``np.asarray`` takes; torch tensors via
+    ``.numpy()``). Raises ``ValueError`` naming the key when a tensor is missing, malformed, or
+    holds a code table other than the canonical NF4/FP4/dynamic maps.
+    """
+    layout = bnb_layout(sd, prefix)
+    present = [(f, s) for f, s in BNB_ARRAYS if getattr(layout, f) is not None]
+    arrays = {f: jnp.asarray(_numpy(sd[prefix + s]).reshape(-1)) for f, s in present}
+    return layout.replace(**arrays)
 
 
 def bits_per_param(block_size: int = 64, double_quant: bool = True, nested_block_size: int = 256) -> float:

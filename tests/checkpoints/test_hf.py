@@ -198,17 +198,35 @@ def test_float16_overflow_at_load_is_refused(tmp_path):
         load_pretrained(d, quant=None, dtype=jnp.float16, progress=False)
 
 
+def _restore_bnb(d, double_quant: bool | None = None, dtype: str | None = None, only: str | None = None):
+    """Rewrite the bitsandbytes checkpoint ``d``'s 4-bit weights (those under ``only``, or all):
+    requantized with(out) double quantization, or with another recorded source ``dtype``; the
+    config's quantization_config follows when every weight is rewritten."""
+    tensors = load_file(d / "model.safetensors")
+    names = [k.split(".quant_state.")[0] for k in tensors if ".quant_state." in k]
+    for name in names if only is None else [only]:
+        qt = quant.from_bnb_state_dict(tensors, prefix=name)
+        if double_quant is not None:
+            qt = quant.quantize(quant.dequantize(qt, jnp.float32), qt.quant_type, qt.block_size, double_quant)
+        if dtype is not None:
+            qt = qt.replace(dtype=dtype)
+        for k in [k for k in tensors if k.startswith(name + ".")]:
+            del tensors[k]
+        tensors.update(quant.to_bnb_state_dict(qt, prefix=name))
+    save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+    if only is None and double_quant is not None:
+        raw = json.loads((d / "config.json").read_text())
+        raw["quantization_config"]["bnb_4bit_use_double_quant"] = double_quant
+        (d / "config.json").write_text(json.dumps(raw))
+
+
 @pytest.mark.parametrize("field", ["nested_absmax", "absmax"])
 def test_bnb_checkpoint_with_nonfinite_block_constants_is_refused(tmp_path, field):
     d = _copy(tmp_path, "llama_bnb4bit")
-    tensors = load_file(d / "model.safetensors")
+    if field == "absmax":  # without double quantization the absmax is float32
+        _restore_bnb(d, double_quant=False)
     key = "model.layers.1.self_attn.v_proj.weight"
-    if field == "absmax":  # without double quantization the absmax is float32: rewrite that tensor so
-        qt = quant.quantize(np.random.default_rng(0).standard_normal((32, 64)).astype(np.float32), "nf4", 64, False)
-        sd = quant.to_bnb_state_dict(qt, prefix=key)
-        for k in [k for k in tensors if k.startswith(key + ".")]:
-            del tensors[k]
-        tensors.update(sd)
+    tensors = load_file(d / "model.safetensors")
     a = tensors[f"{key}.{field}"].copy()
     assert a.dtype == np.float32
     a[0] = np.nan
@@ -216,6 +234,52 @@ def test_bnb_checkpoint_with_nonfinite_block_constants_is_refused(tmp_path, fiel
     save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match=rf"tensor '{key}.{field}' has 1 non-finite values"):
         load_pretrained(d, quant=None, progress=False)
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_a_bnb_weight_stored_unlike_its_config_is_named(tmp_path, scan_layers):
+    d = _copy(tmp_path, "llama_bnb4bit")
+    key = "model.layers.1.mlp.up_proj.weight"
+    _restore_bnb(d, double_quant=False, only=key)  # the config still says double quant
+    with pytest.raises(
+        ValueError, match=rf"'{key}' is stored as nf4 blocks of 64, no double quant but config.json's .* implies "
+        r"nf4 blocks of 64, double quant 256"
+    ):  # fmt: skip
+        load_pretrained(d, quant=None, progress=False, scan_layers=scan_layers)
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_a_bnb_checkpoint_quantized_from_bfloat16_loads_its_bytes(tmp_path, scan_layers):
+    """bitsandbytes records the dtype a weight was quantized from; a model saved from bf16 (most on
+    the Hub) says "bfloat16". The base records it too, and keeps every stored byte."""
+    d = _copy(tmp_path, "llama_bnb4bit")
+    _restore_bnb(d, dtype="bfloat16")
+    model, v = load_pretrained(d, quant=None, dtype=jnp.float32, progress=False, scan_layers=scan_layers)
+    assert model.quant.weight_dtype == "bfloat16"
+    _, f32 = load_pretrained(HF / "llama_bnb4bit", quant=None, dtype=jnp.float32, progress=False, scan_layers=False)
+    got = traverse_util.flatten_dict(unstack_layers(v["base"]) if scan_layers else v["base"])
+    want = traverse_util.flatten_dict(f32["base"])
+    assert got.keys() == want.keys()
+    for k, qt in got.items():
+        if quant.is_quantized(qt):
+            assert qt.dtype == "bfloat16", k
+            for field in ("packed", "absmax", "nested_absmax", "offset"):
+                np.testing.assert_array_equal(getattr(qt, field), getattr(want[k], field), err_msg=str(k))
+
+
+def test_a_bfloat16_checkpoint_quantizes_at_load(tmp_path):
+    """The base of a bf16 checkpoint records bfloat16; its codes are those of the float32 values."""
+    d = _copy(tmp_path, "qwen2")
+    tensors = load_file(d / "model.safetensors")
+    bf16 = {k: v.astype(jnp.bfloat16) for k, v in tensors.items()}
+    save_file(bf16, str(d / "model.safetensors"), metadata={"format": "pt"})
+    model, v = load_pretrained(d, dtype=jnp.float32, progress=False, report_quant_error=False)
+    assert model.quant.weight_dtype == "bfloat16"
+    qt = unstack_layers(v["base"])["layers_0"]["self_attn"]["q_proj"]["kernel"]
+    want = quant.quantize(bf16["model.layers.0.self_attn.q_proj.weight"].astype(np.float32))
+    assert qt.dtype == "bfloat16"
+    np.testing.assert_array_equal(qt.packed, want.packed)
+    np.testing.assert_array_equal(qt.absmax, want.absmax)
 
 
 def _with_outlier(tmp_path, factor=1000.0):

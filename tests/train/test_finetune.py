@@ -304,7 +304,7 @@ def chat_checkpoint(tmp_path_factory):
     cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                       bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)  # fmt: skip
     frozen = LlamaForCausalLM(cfg, dtype=jnp.float32).init(jax.random.key(0), jnp.ones((1, 4), jnp.int32))["base"]
-    export_hf(root / "model", cfg, frozen)
+    export_hf(root / "model", cfg, frozen, dtype=jnp.bfloat16)  # as checkpoints on the Hub are stored
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(src / name, root / "model" / name)
     rng = np.random.default_rng(0)
