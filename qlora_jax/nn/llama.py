@@ -24,6 +24,7 @@ Shapes: ``B`` batch, ``S`` sequence, ``H`` query heads, ``Hkv`` key/value heads,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -36,7 +37,9 @@ from qlora_jax import parallel
 from qlora_jax.nn.lora import LoRAConfig, LoRADense, QuantConfig
 
 Array = jax.Array
-MODEL_TYPES = ("llama", "mistral", "qwen2")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
+LAYER_TYPES = ("full_attention", "sliding_attention")
+ACTIVATIONS = {"silu": jax.nn.silu, "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True)}
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 REMAT_POLICIES = {
     "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
@@ -45,9 +48,37 @@ REMAT_POLICIES = {
 }
 
 
+# config.json keys whose math this decoder does not implement, with the value that means "off":
+# any other value is refused (``LlamaConfig.from_hf``), never ignored
+_UNIMPLEMENTED = {
+    "partial_rotary_factor": 1.0,
+    "use_bidirectional_attention": False,
+    "attention_dropout": 0.0,
+    "use_qk_norm": False,
+    "logits_scaling": 1.0,
+    "embedding_multiplier": 1.0,
+    "residual_multiplier": 1.0,
+    "attention_multiplier": None,
+    "no_rope_layers": None,
+}
+_GEMMA = ("gemma", "gemma2", "gemma3_text")
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-    """Architecture, as in a transformers ``config.json`` (both the 4.x and 5.x forms)."""
+    """Architecture, as in a transformers ``config.json`` (both the 4.x and 5.x forms), for every
+    family the decoder implements (:data:`MODEL_TYPES`):
+
+    * LLaMA 1/2/3, Mistral (all layers sliding), Qwen2 (q/k/v bias);
+    * Qwen3: RMSNorm of each head's queries and keys before rotary (``qk_norm``);
+    * Gemma: GeGLU (``hidden_act="gelu_pytorch_tanh"``), ``(1 + w)`` RMSNorm computed in float32
+      (``norm_unit_offset``), embeddings scaled by ``sqrt(hidden_size)``;
+    * Gemma 2: also norms after attention and around the MLP (``sandwich_norms``), queries scaled
+      by ``query_pre_attn_scalar ** -0.5``, attention and final logits soft-capped
+      (``cap * tanh(x / cap)``), sliding-window and global layers alternating (``layer_types``);
+    * Gemma 3 (text): Gemma 2 without soft-capping, with ``qk_norm``, five sliding layers per
+      global one, and the sliding layers' own rotary base (``local_rope_theta``).
+    """
 
     vocab_size: int = 256
     hidden_size: int = 64
@@ -64,7 +95,17 @@ class LlamaConfig:
     attention_bias: bool = False  # q/k/v/o bias (LLaMA); Qwen2 has q/k/v bias only
     qkv_bias: bool = False
     mlp_bias: bool = False
-    sliding_window: int | None = None  # Mistral
+    sliding_window: int | None = None  # the window of the layers layer_types calls sliding
+    layer_types: tuple[str, ...] | None = None  # per layer, in LAYER_TYPES; None: all sliding iff a window
+    hidden_act: str = "silu"  # in ACTIVATIONS
+    qk_norm: bool = False
+    norm_unit_offset: bool = False
+    embed_scale: bool = False
+    sandwich_norms: bool = False
+    query_pre_attn_scalar: float | None = None  # None: head_dim
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
+    local_rope_theta: float | None = None  # sliding layers' rotary base (Gemma 3); None: rope_theta
     model_type: str = "llama"
     bos_token_id: int | None = 1
     eos_token_id: int | tuple[int, ...] | None = 2
@@ -73,6 +114,8 @@ class LlamaConfig:
     def __post_init__(self):
         if isinstance(self.rope_scaling, dict):  # accept a dict; store hashable items
             object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())) or None)
+        if self.layer_types is not None:
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
         if self.model_type not in MODEL_TYPES:
             raise ValueError(f"model_type must be one of {MODEL_TYPES}; got {self.model_type!r}")
         if self.num_attention_heads % self.num_key_value_heads:
@@ -83,6 +126,16 @@ class LlamaConfig:
         rope_type = self.rope_scaling_dict.get("rope_type", "default")
         if rope_type not in ("default", "linear", "llama3"):
             raise ValueError(f"rope scaling type {rope_type!r} is not supported (default, linear, llama3)")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported ({', '.join(ACTIVATIONS)})")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_hidden_layers or not set(self.layer_types) <= set(LAYER_TYPES):
+                raise ValueError(
+                    f"layer_types must name one of {LAYER_TYPES} for each of the {self.num_hidden_layers} layers; "
+                    f"got {list(self.layer_types)}"
+                )
+            if "sliding_attention" in self.layer_types and not self.sliding_window:
+                raise ValueError("layer_types has sliding_attention layers but sliding_window is not set")
 
     @property
     def dim_head(self) -> int:
@@ -92,28 +145,60 @@ class LlamaConfig:
     def rope_scaling_dict(self) -> dict:
         return dict(self.rope_scaling or ())
 
+    @property
+    def sliding_layers(self) -> tuple[bool, ...]:
+        """Per layer: whether it attends within ``sliding_window`` only."""
+        if self.layer_types is None:
+            return (self.sliding_window is not None,) * self.num_hidden_layers
+        return tuple(t == "sliding_attention" for t in self.layer_types)
+
     @classmethod
     def from_hf(cls, d: dict, *, source: str = "config.json") -> LlamaConfig:
-        """Read a transformers config dict (4.x: ``rope_theta``/``rope_scaling``; 5.x: ``rope_parameters``)."""
+        """Read a transformers config dict (4.x: ``rope_theta``/``rope_scaling``; 5.x: ``rope_parameters``).
+
+        A key that changes the math this decoder does not implement (``partial_rotary_factor``,
+        ``attention_dropout`` > 0, another activation or rope type, ...) is refused, naming it.
+        """
         model_type = d.get("model_type")
+        if model_type == "gemma3":
+            raise ValueError(
+                f"{source}: model_type 'gemma3' is Gemma 3's vision-language wrapper; the text-only models "
+                "(gemma-3-1b, model_type 'gemma3_text') are supported"
+            )
         if model_type not in MODEL_TYPES:
             raise ValueError(f"{source}: model_type {model_type!r} is not supported; supported: {MODEL_TYPES}")
         required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
         missing = [k for k in required if k not in d]
         if missing:
             raise ValueError(f"{source}: missing keys {missing}")
-        act = d.get("hidden_act", "silu")
-        if act != "silu":
-            raise ValueError(f"{source}: hidden_act {act!r} is not supported (silu)")
+        for key, off in _UNIMPLEMENTED.items():
+            if d.get(key) is not None and d[key] != off:
+                raise ValueError(f"{source}: {key}={d[key]!r} changes the math in a way this decoder does not "
+                                 f"implement ({key}={off!r} does)")  # fmt: skip
+        gemma = model_type in _GEMMA
+        act = d.get("hidden_activation") or d.get("hidden_act") or ("gelu_pytorch_tanh" if gemma else "silu")
+        if act not in ACTIVATIONS:
+            raise ValueError(f"{source}: hidden_act {act!r} is not supported ({', '.join(ACTIVATIONS)})")
         rope = dict(d.get("rope_parameters") or {})
+        local_theta = None
+        if model_type == "gemma3_text":  # rotary per layer type
+            by_type = {t: dict(rope.get(t) or {}) for t in LAYER_TYPES}
+            rope = by_type["full_attention"]
+            rope.update(d.get("rope_scaling") or {})
+            rope.setdefault("rope_theta", d.get("rope_theta", 1_000_000.0))
+            local = by_type["sliding_attention"]
+            if local.get("rope_type", "default") != "default":
+                raise ValueError(f"{source}: sliding layers' rope_type {local['rope_type']!r} is not supported")
+            local_theta = float(local.get("rope_theta", d.get("rope_local_base_freq", 10_000.0)))
         theta = rope.pop("rope_theta", d.get("rope_theta", 10000.0))
-        scaling = dict(d.get("rope_scaling") or {}) or rope
+        scaling = dict(d.get("rope_scaling") or {}) if model_type != "gemma3_text" else {}
+        scaling = scaling or rope
         if "type" in scaling and "rope_type" not in scaling:
             scaling["rope_type"] = scaling.pop("type")
         scaling.pop("type", None)
         if scaling.get("rope_type", "default") == "default":
             scaling = {}
-        sliding = d.get("sliding_window") if d.get("use_sliding_window", model_type == "mistral") else None
+        sliding, layer_types = _attention_layout(d, model_type)
         eos = d.get("eos_token_id", 2)
         return cls(
             vocab_size=d["vocab_size"],
@@ -127,11 +212,21 @@ class LlamaConfig:
             rope_theta=float(theta),
             rope_scaling=tuple(sorted(scaling.items())) or None,
             max_position_embeddings=d.get("max_position_embeddings", 2048),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", gemma)),
             attention_bias=bool(d.get("attention_bias", False)),
             qkv_bias=model_type == "qwen2",
             mlp_bias=bool(d.get("mlp_bias", False)),
             sliding_window=sliding,
+            layer_types=layer_types,
+            hidden_act=act,
+            qk_norm=model_type in ("qwen3", "gemma3_text"),
+            norm_unit_offset=gemma,
+            embed_scale=gemma,
+            sandwich_norms=model_type in ("gemma2", "gemma3_text"),
+            query_pre_attn_scalar=d.get("query_pre_attn_scalar") if model_type in ("gemma2", "gemma3_text") else None,
+            attn_logit_softcapping=d.get("attn_logit_softcapping", 50.0 if model_type == "gemma2" else None),
+            final_logit_softcapping=d.get("final_logit_softcapping", 30.0 if model_type == "gemma2" else None),
+            local_rope_theta=local_theta,
             model_type=model_type,
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
@@ -139,16 +234,41 @@ class LlamaConfig:
         )
 
 
+def _attention_layout(d: dict, model_type: str) -> tuple[int | None, tuple[str, ...] | None]:
+    """``(sliding_window, layer_types)`` as transformers derives them for ``model_type``: from
+    ``layer_types`` when the config has it (transformers 5), else the family's rule."""
+    n = d["num_hidden_layers"]
+    window = d.get("sliding_window")
+    if model_type in ("qwen2", "qwen3"):  # a window only with use_sliding_window, from max_window_layers on
+        window = window if d.get("use_sliding_window", False) else None
+        default = ["sliding_attention" if window and i >= d.get("max_window_layers", 28) else "full_attention"
+                   for i in range(n)]  # fmt: skip
+    elif model_type == "gemma2":
+        default = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
+    elif model_type == "gemma3_text":
+        pattern = d.get("sliding_window_pattern", 6)
+        default = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
+    elif model_type == "mistral":  # every layer (transformers' Mistral ignores layer_types)
+        window = window if d.get("use_sliding_window", True) else None
+        return window, None
+    else:  # llama, gemma: no window
+        window, default = None, ["full_attention"] * n
+    types = tuple(d.get("layer_types") or default)
+    if "sliding_attention" not in types:
+        return None, None
+    return window, types
+
+
 # --- rotary embeddings ------------------------------------------------------------------------
 
 
-def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
-    """float32 ``[Dh/2]`` inverse frequencies, with linear or llama3 scaling applied."""
+def rope_inv_freq(config: LlamaConfig, local: bool = False) -> np.ndarray:
+    """float32 ``[Dh/2]`` inverse frequencies, with linear or llama3 scaling applied; ``local``: the
+    sliding layers' (``local_rope_theta``, unscaled)."""
     dim = config.dim_head
-    inv = (1.0 / (np.float32(config.rope_theta) ** (np.arange(0, dim, 2).astype(np.float32) / np.float32(dim)))).astype(
-        np.float32
-    )
-    s = config.rope_scaling_dict
+    theta = config.local_rope_theta if local else config.rope_theta
+    inv = (1.0 / (np.float32(theta) ** (np.arange(0, dim, 2).astype(np.float32) / np.float32(dim)))).astype(np.float32)
+    s = {} if local else config.rope_scaling_dict
     kind = s.get("rope_type", "default")
     if kind == "linear":
         return (inv / np.float32(s["factor"])).astype(np.float32)
@@ -179,15 +299,31 @@ def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
 
 
 class RMSNorm(nn.Module):
+    """RMSNorm in float32. LLaMA's casts the normalized value to ``dtype`` and scales by ``w``;
+    Gemma's (``unit_offset``) scales by ``1 + w`` in float32 and casts after (its ``w`` starts at 0)."""
+
     eps: float
     dtype: Any = jnp.bfloat16
+    unit_offset: bool = False
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        weight = self.variable("base", "weight", lambda: jnp.ones((x.shape[-1],), self.dtype)).value
+        init = jnp.zeros if self.unit_offset else jnp.ones
+        weight = self.variable("base", "weight", lambda: init((x.shape[-1],), self.dtype)).value
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.unit_offset:
+            return (normed * (1.0 + weight.astype(jnp.float32))).astype(self.dtype)
         return weight.astype(self.dtype) * normed.astype(self.dtype)
+
+
+def _norm(cfg: LlamaConfig, dtype, name: str) -> RMSNorm:
+    return RMSNorm(cfg.rms_norm_eps, dtype, cfg.norm_unit_offset, name=name)
+
+
+def softcap(x: Array, cap: float | None) -> Array:
+    """Gemma 2's soft-capping ``cap * tanh(x / cap)`` (identity for ``cap=None``)."""
+    return x if cap is None else jnp.tanh(x / cap) * cap
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,8 +353,16 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: Array, positions: Array, key_mask: Array, deterministic: bool, segment_ids: Array | None = None
+        self,
+        x: Array,
+        positions: Array,
+        key_mask: Array,
+        deterministic: bool,
+        segment_ids: Array | None = None,
+        sliding: Array | bool = False,
     ) -> Array:
+        """``sliding``: whether this layer attends within ``sliding_window`` only (a traced bool
+        under a scan over layers, where sliding and global layers alternate)."""
         cfg, dtype = self.settings.config, self.settings.dtype
         b, s, _ = x.shape
         h, hkv, dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.dim_head
@@ -227,8 +371,16 @@ class Attention(nn.Module):
         q = linear("q_proj", h * dh, qkv_bias)(x, deterministic).reshape(b, s, h, dh)
         k = linear("k_proj", hkv * dh, qkv_bias)(x, deterministic).reshape(b, s, hkv, dh)
         v = linear("v_proj", hkv * dh, qkv_bias)(x, deterministic).reshape(b, s, hkv, dh)
-        inv_freq = rope_inv_freq(cfg)
-        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        if cfg.qk_norm:  # Qwen3, Gemma 3: each head's queries and keys, before rotary
+            q, k = _norm(cfg, dtype, "q_norm")(q), _norm(cfg, dtype, "k_norm")(k)
+
+        def rope(x):
+            out = apply_rope(x, positions, rope_inv_freq(cfg))
+            if cfg.local_rope_theta is None:
+                return out
+            return jnp.where(sliding, apply_rope(x, positions, rope_inv_freq(cfg, local=True)), out)
+
+        q, k = rope(q), rope(k)
 
         q_pos = positions  # [B, S]
         if self.settings.decode:  # append to the cache; attend over everything written so far
@@ -255,13 +407,14 @@ class Attention(nn.Module):
         if segment_ids is not None:
             allowed &= segment_ids[:, None, :] == segment_ids[:, :, None]
         if cfg.sliding_window is not None:
-            allowed &= q_pos[:, :, None] - k_pos[:, None, :] < cfg.sliding_window
+            allowed &= ~jnp.asarray(sliding) | (q_pos[:, :, None] - k_pos[:, None, :] < cfg.sliding_window)
         allowed = allowed[:, None, :, :]
 
         groups = h // hkv
         qg = q.reshape(b, s, hkv, groups, dh)
-        scores = jnp.einsum("bsngd,btnd->bngst", qg, k, preferred_element_type=jnp.float32) / math.sqrt(dh)
-        scores = scores.reshape(b, h, s, -1)
+        scale = (cfg.query_pre_attn_scalar or dh) ** -0.5
+        scores = jnp.einsum("bsngd,btnd->bngst", qg, k, preferred_element_type=jnp.float32) * scale
+        scores = softcap(scores.reshape(b, h, s, -1), cfg.attn_logit_softcapping)
         # finite minimum, not -inf: a fully masked (padding) query row stays finite
         scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
@@ -280,7 +433,8 @@ class MLP(nn.Module):
         cfg, dtype, linear = self.settings.config, self.settings.dtype, self.settings.linear
         gate = linear("gate_proj", cfg.intermediate_size, cfg.mlp_bias)(x, deterministic)
         up = linear("up_proj", cfg.intermediate_size, cfg.mlp_bias)(x, deterministic)
-        hidden = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(dtype)
+        act = ACTIVATIONS[cfg.hidden_act]  # SwiGLU, or Gemma's GeGLU
+        hidden = (act(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(dtype)
         return linear("down_proj", cfg.hidden_size, cfg.mlp_bias)(hidden, deterministic)
 
 
@@ -289,14 +443,24 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: Array, positions: Array, key_mask: Array, deterministic: bool = True, segment_ids: Array | None = None
+        self,
+        x: Array,
+        positions: Array,
+        key_mask: Array,
+        deterministic: bool = True,
+        segment_ids: Array | None = None,
+        sliding: Array | bool = False,
     ) -> Array:
         cfg, dtype = self.settings.config, self.settings.dtype
-        h = RMSNorm(cfg.rms_norm_eps, dtype, name="input_layernorm")(x)
-        attn = Attention(self.settings, name="self_attn")
-        x = x + attn(h, positions, key_mask, deterministic, segment_ids)
-        h = RMSNorm(cfg.rms_norm_eps, dtype, name="post_attention_layernorm")(x)
-        return x + MLP(self.settings, name="mlp")(h, deterministic)
+        h = _norm(cfg, dtype, "input_layernorm")(x)
+        h = Attention(self.settings, name="self_attn")(h, positions, key_mask, deterministic, segment_ids, sliding)
+        if not cfg.sandwich_norms:
+            x = x + h
+            return x + MLP(self.settings, name="mlp")(_norm(cfg, dtype, "post_attention_layernorm")(x), deterministic)
+        # Gemma 2/3: the attention output and the MLP's input and output are normed too
+        x = x + _norm(cfg, dtype, "post_attention_layernorm")(h)
+        h = MLP(self.settings, name="mlp")(_norm(cfg, dtype, "pre_feedforward_layernorm")(x), deterministic)
+        return x + _norm(cfg, dtype, "post_feedforward_layernorm")(h)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -354,7 +518,11 @@ class LlamaForCausalLM(nn.Module):
             positions = jnp.maximum(jnp.cumsum(key_mask, axis=-1) - 1, 0).astype(jnp.int32)
 
         embed = _Embed(cfg.vocab_size, cfg.hidden_size, self.dtype, name="embed_tokens")
-        x = parallel.shard_batch(embed(input_ids))  # [B, S, D]
+        x = embed(input_ids)  # [B, S, D]
+        if cfg.embed_scale:  # Gemma: by sqrt(hidden_size), rounded to the embeddings' dtype as transformers does
+            x = x * jnp.asarray(math.sqrt(cfg.hidden_size), jnp.float32).astype(x.dtype)
+        x = parallel.shard_batch(x)
+        sliding = jnp.asarray(cfg.sliding_layers)  # [L]
 
         if self.remat and self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy must be one of {tuple(REMAT_POLICIES)}; got {self.remat_policy!r}")
@@ -362,8 +530,8 @@ class LlamaForCausalLM(nn.Module):
         if self.scan_layers:
             check_scannable(cfg, self.quant)
 
-            def block(layer, x, positions, key_mask, segment_ids):
-                return parallel.shard_batch(layer(x, positions, key_mask, deterministic, segment_ids)), None
+            def block(layer, x, positions, key_mask, segment_ids, sliding):
+                return parallel.shard_batch(layer(x, positions, key_mask, deterministic, segment_ids, sliding)), None
 
             if self.remat:
                 block = nn.remat(block, policy=REMAT_POLICIES[self.remat_policy])
@@ -372,23 +540,24 @@ class LlamaForCausalLM(nn.Module):
                 block,
                 variable_axes={"base": 0, "params": 0, "cache": 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
                 length=cfg.num_hidden_layers,
             )
-            x, _ = scanned(DecoderLayer(settings, name="layers"), x, positions, key_mask, segment_ids)
+            x, _ = scanned(DecoderLayer(settings, name="layers"), x, positions, key_mask, segment_ids, sliding)
         else:
             layer_cls = DecoderLayer
             if self.remat:
                 layer_cls = nn.remat(DecoderLayer, policy=REMAT_POLICIES[self.remat_policy], static_argnums=(4,))
             for i in range(cfg.num_hidden_layers):
                 layer = layer_cls(settings, name=f"layers_{i}")
-                x = parallel.shard_batch(layer(x, positions, key_mask, deterministic, segment_ids))
-        x = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(x)
+                x = parallel.shard_batch(layer(x, positions, key_mask, deterministic, segment_ids, sliding[i]))
+        x = _norm(cfg, self.dtype, "norm")(x)
         if cfg.tie_word_embeddings:
             head = embed.table()
         else:
             head = _LMHead(cfg.vocab_size, cfg.hidden_size, self.dtype, name="lm_head")()
-        return jnp.einsum("bsd,vd->bsv", x, head.astype(self.dtype), preferred_element_type=jnp.float32)
+        logits = jnp.einsum("bsd,vd->bsv", x, head.astype(self.dtype), preferred_element_type=jnp.float32)
+        return softcap(logits, cfg.final_logit_softcapping)
 
 
 class _Embed(nn.Module):

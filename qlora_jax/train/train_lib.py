@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from qlora_jax import kernels, optim, parallel
 from qlora_jax.checkpoints import (
+    gguf,
     load_pretrained,
     pretrained_model,
 )
@@ -55,7 +56,7 @@ from qlora_jax.train.exports import write_exports
 from qlora_jax.train.metrics import MetricsWriter
 from qlora_jax.train.state import StateLayout, TrainTree, abstract_variables, quantized_leaves, state_layout
 from qlora_jax.train.steps import TrainState, make_eval_step, make_train_step, target_mask
-from qlora_jax.train.validate import validate_config
+from qlora_jax.train.validate import ConfigError, validate_config
 from qlora_jax.train.workdir import (
     Checkpoints,
     RunConflict,
@@ -296,6 +297,11 @@ def setup(config, mesh) -> Setup:
                 f"stores {stored} weights in 4 bits (a bitsandbytes checkpoint)"
             )
     check_tokenizer(tok, model.config, config.model_path)
+    if config.export.gguf and model.config.model_type not in gguf.EXPORTABLE:  # refused now, not after training
+        raise ConfigError(
+            "export.gguf", f"={config.export.gguf!r}: the GGUF writer covers {gguf.EXPORTABLE}, not this model's "
+            f"model_type {model.config.model_type!r}; set it to '' and export.merged=True (safetensors)"
+        )  # fmt: skip
     layout = state_layout(
         model, optimizer, config.train.trainable, mesh.shape["fsdp"], config.sharding.params,
         config.sharding.opt_state,

@@ -24,18 +24,22 @@ def _linears(frozen):
     return {k: v for k, v in flat.items() if isinstance(v, quant.QuantizedTensor)}
 
 
-def test_bnb_checkpoint_loads_byte_exact_and_matches_its_logits():
-    d = HF / "llama_bnb4bit"
+BNB_FIXTURES = ["llama_bnb4bit", "qwen3_bnb4bit", "gemma3_text_bnb4bit"]
+
+
+@pytest.mark.parametrize("name", BNB_FIXTURES)
+def test_bnb_checkpoint_loads_byte_exact_and_matches_its_logits(name):
+    d = HF / name
     model, v = load_pretrained(d, quant=None, dtype=jnp.float32, progress=False)
     stored = load_file(d / "model.safetensors")
     linears = _linears(v["base"])
     assert len(linears) == 14
     for path, qt in linears.items():
-        name = f"model.layers.{path[0].split('_')[1]}.{path[1]}.{path[2]}.weight"
-        np.testing.assert_array_equal(np.asarray(qt.packed), stored[name].reshape(-1))
-        np.testing.assert_array_equal(np.asarray(qt.absmax), stored[name + ".absmax"])
-        np.testing.assert_array_equal(np.asarray(qt.nested_absmax), stored[name + ".nested_absmax"])
-    ref = reference("llama_bnb4bit")
+        key = f"model.layers.{path[0].split('_')[1]}.{path[1]}.{path[2]}.weight"
+        np.testing.assert_array_equal(np.asarray(qt.packed), stored[key].reshape(-1))
+        np.testing.assert_array_equal(np.asarray(qt.absmax), stored[key + ".absmax"])
+        np.testing.assert_array_equal(np.asarray(qt.nested_absmax), stored[key + ".nested_absmax"])
+    ref = reference(name)
     logits = model.apply(v, ref["input_ids"], ref["attention_mask"], ref["position_ids"])
     real = ref["attention_mask"].astype(bool)
     assert np.abs(np.asarray(logits) - ref["logits"])[real].max() <= 1e-5  # same bytes: float rounding only
@@ -71,8 +75,9 @@ def test_quantize_at_load_logits_close_to_bnb():
     assert np.abs(logits - ref["logits"])[real].max() <= 1e-3
 
 
-def test_saved_checkpoint_equals_transformers_file_and_loads_back(tmp_path):
-    src = HF / "llama_bnb4bit"
+@pytest.mark.parametrize("name", BNB_FIXTURES)
+def test_saved_checkpoint_equals_transformers_file_and_loads_back(tmp_path, name):
+    src = HF / name
     _, v = load_pretrained(src, quant=None, dtype=jnp.float32, progress=False)
     _, raw = read_config(src)
     save_pretrained_4bit(tmp_path, raw, v["base"], compute_dtype="float32")

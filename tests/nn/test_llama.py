@@ -49,12 +49,12 @@ def test_rope_llama3_scaling_changes_only_low_frequencies():
     assert base.dim_head == 16
 
 
-@pytest.mark.parametrize("name", ["mistral", "qwen2"])
+@pytest.mark.parametrize("name", ["mistral", "qwen2", "qwen3", "gemma2", "gemma3_text"])
 def test_kv_cache_generation_equals_recomputation(name):
     ref = reference(name)
     model, v = load_pretrained(HF / name, quant=None, dtype=jnp.float32, progress=False)
     ids, mask = jnp.asarray(ref["input_ids"][:, :10]), jnp.asarray(ref["attention_mask"][:, :10])
-    out = generate(model, v, ids, mask, max_new_tokens=8)  # 18 tokens > mistral's window of 6
+    out = generate(model, v, ids, mask, max_new_tokens=8)  # 18 tokens > the windows of 6
     seq, m = ids, mask
     for _ in range(8):
         nxt = jnp.argmax(model.apply(v, seq, m)[:, -1], axis=-1)

@@ -1,0 +1,162 @@
+"""Qwen3 and Gemma 1/2/3 against transformers: each family's own math, its config forms, exports.
+
+The fp32 logits of every family are compared with transformers' in test_llama.py (``VARIANTS``)
+and their bitsandbytes 4-bit checkpoints in tests/checkpoints/test_hf.py; here each feature the
+fixtures were made to exercise (make_family_fixtures.py) is shown to matter at all, so that a
+parity test would catch it missing.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hf_fixtures import HF, reference
+
+from qlora_jax.checkpoints import config_to_hf, export_hf, load_pretrained, read_config
+from qlora_jax.checkpoints.gguf import write_gguf
+from qlora_jax.nn import LlamaConfig
+
+FEATURES = [
+    ("qwen3", {"qk_norm": False}),
+    ("qwen3", {"layer_types": None, "sliding_window": None}),  # sliding from max_window_layers=1 on
+    ("gemma", {"embed_scale": False}),
+    ("gemma", {"norm_unit_offset": False}),
+    ("gemma", {"hidden_act": "silu"}),
+    ("gemma2", {"attn_logit_softcapping": None}),
+    ("gemma2", {"final_logit_softcapping": None}),
+    ("gemma2", {"query_pre_attn_scalar": None}),
+    ("gemma2", {"sandwich_norms": False}),
+    ("gemma2", {"layer_types": None, "sliding_window": None}),
+    ("gemma3_text", {"local_rope_theta": None}),
+    ("gemma3_text", {"rope_scaling": None}),
+    ("gemma3_text", {"qk_norm": False}),
+]
+
+
+def _max_error(model, v, ref) -> float:
+    logits = model.apply(v, ref["input_ids"], ref["attention_mask"], ref["position_ids"])
+    return float(np.abs(np.asarray(logits) - ref["logits"])[ref["attention_mask"].astype(bool)].max())
+
+
+@pytest.mark.parametrize(("name", "change"), FEATURES, ids=lambda x: x if isinstance(x, str) else ",".join(x))
+def test_each_family_feature_moves_the_logits_far_past_the_parity_tolerance(name, change):
+    ref = reference(name)
+    model, v = load_pretrained(HF / name, quant=None, dtype=jnp.float32, progress=False)
+    assert _max_error(model, v, ref) <= 1e-4  # as test_fp32_logits_match_transformers
+    without = model.clone(config=dataclasses.replace(model.config, **change))
+    assert _max_error(without, v, ref) > 1e-2
+
+
+def test_family_configs_are_read_as_transformers_reads_them():
+    cfgs = {name: read_config(HF / name)[0] for name in ("qwen3", "gemma", "gemma2", "gemma3_text")}
+    assert cfgs["qwen3"].qk_norm and cfgs["qwen3"].layer_types == ("full_attention", "sliding_attention")
+    assert cfgs["gemma"].tie_word_embeddings and cfgs["gemma"].hidden_act == "gelu_pytorch_tanh"
+    assert cfgs["gemma"].sliding_window is None and not cfgs["gemma"].sandwich_norms
+    g2 = cfgs["gemma2"]
+    assert (g2.attn_logit_softcapping, g2.final_logit_softcapping, g2.query_pre_attn_scalar) == (0.5, 3.0, 24)
+    assert g2.sliding_layers == (True, False)
+    g3 = cfgs["gemma3_text"]
+    assert g3.local_rope_theta == 10_000.0 and g3.rope_theta == 1_000_000.0
+    assert g3.rope_scaling_dict == {"rope_type": "linear", "factor": 8.0}
+    assert g3.attn_logit_softcapping is None and g3.qk_norm and g3.sandwich_norms
+
+
+def test_transformers_4_forms_derive_the_layer_types():
+    base = {"vocab_size": 32, "hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2}
+    # Qwen2/3: the window from max_window_layers on, and only with use_sliding_window
+    qwen = {**base, "model_type": "qwen2", "num_hidden_layers": 4, "sliding_window": 8, "max_window_layers": 2}
+    assert LlamaConfig.from_hf({**qwen, "use_sliding_window": True}).sliding_layers == (False, False, True, True)
+    assert LlamaConfig.from_hf(qwen).sliding_window is None
+    # Gemma 2: every other layer, the first sliding; soft-capping by default
+    g2 = LlamaConfig.from_hf({**base, "model_type": "gemma2", "num_hidden_layers": 3, "sliding_window": 4})
+    assert g2.sliding_layers == (True, False, True)
+    assert (g2.attn_logit_softcapping, g2.final_logit_softcapping) == (50.0, 30.0)
+    # Gemma 3, 4.x keys: sliding_window_pattern, rope_local_base_freq, rope_scaling for the global layers
+    g3 = LlamaConfig.from_hf({
+        **base, "model_type": "gemma3_text", "num_hidden_layers": 7, "sliding_window": 4, "rope_theta": 1e6,
+        "rope_local_base_freq": 1e4, "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+    })  # fmt: skip
+    assert g3.sliding_layers == (True,) * 5 + (False, True)
+    assert g3.local_rope_theta == 1e4 and g3.rope_theta == 1e6 and g3.rope_scaling_dict["factor"] == 8.0
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5 changes the math"),
+        ({"attention_dropout": 0.1}, "attention_dropout=0.1 changes the math"),
+        ({"use_bidirectional_attention": True}, "use_bidirectional_attention=True"),
+        ({"hidden_activation": "gelu"}, "hidden_act 'gelu' is not supported"),
+        ({"model_type": "gemma3"}, "vision-language wrapper"),
+        ({"model_type": "phi3"}, "model_type 'phi3' is not supported"),
+    ],
+)
+def test_a_config_key_whose_math_is_not_implemented_is_refused_by_name(change, match):
+    _, raw = read_config(HF / "gemma3_text")
+    with pytest.raises(ValueError, match=match):
+        LlamaConfig.from_hf({**raw, **change})
+
+
+@pytest.mark.parametrize("name", ["qwen3", "gemma", "gemma2", "gemma3_text", "mistral", "qwen2", "llama3_rope"])
+def test_config_to_hf_reads_back_to_the_same_config(name):
+    cfg = read_config(HF / name)[0]
+    cfg = dataclasses.replace(cfg, head_dim=cfg.dim_head)  # config_to_hf writes the head_dim it implies
+    assert LlamaConfig.from_hf(config_to_hf(cfg)) == cfg
+
+
+@pytest.mark.parametrize("name", ["gemma2", "gemma3_text"])
+def test_a_merged_export_loads_back_with_the_same_logits(tmp_path, name):
+    model, v = load_pretrained(HF / name, quant=None, dtype=jnp.float32, progress=False, scan_layers=False)
+    export_hf(tmp_path / "out", model.config, v["base"])
+    back, w = load_pretrained(tmp_path / "out", quant=None, dtype=jnp.float32, progress=False, scan_layers=False)
+    assert back.config == model.config
+    jax.tree.map(np.testing.assert_array_equal, v["base"], w["base"])
+    assert _max_error(back, w, reference(name)) <= 1e-4
+
+
+def test_gguf_export_of_a_family_without_a_writer_is_refused(tmp_path):
+    cfg = read_config(HF / "gemma2")[0]
+    with pytest.raises(ValueError, match="model_type 'gemma2' has no GGUF writer"):
+        write_gguf(tmp_path / "m.gguf", cfg, {}, None)
+
+
+def test_a_gemma3_checkpoint_fine_tunes_and_exports_as_gemma3(tmp_path):
+    """QLoRA on a bf16 Gemma 3 checkpoint through the entry point: the exports are Gemma 3 again
+    (merged, bnb 4-bit, PEFT adapter on the seven linears); GGUF export is refused before training."""
+    import json
+
+    from finetune_cli import metrics, run
+
+    from qlora_jax import quant
+    from qlora_jax.data import ByteTokenizer
+    from qlora_jax.nn import LlamaForCausalLM
+
+    tok = ByteTokenizer()
+    cfg = dataclasses.replace(
+        read_config(HF / "gemma3_text")[0], vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
+        eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
+    )  # fmt: skip
+    base = LlamaForCausalLM(cfg, dtype=jnp.float32).init(jax.random.key(0), jnp.ones((1, 4), jnp.int32))["base"]
+    export_hf(tmp_path / "gemma3", cfg, base, dtype=jnp.bfloat16)
+    tok.save(tmp_path / "gemma3")
+    model = f"--config.model_path={tmp_path / 'gemma3'}"
+    refused = run(tmp_path / "gguf", model, "--config.export.gguf=f16", check=False)
+    assert refused.returncode != 0 and "config.export.gguf='f16'" in refused.stderr
+    assert not (tmp_path / "gguf" / "metrics.jsonl").exists()
+
+    run(tmp_path / "run", model, "--config.train.steps=4", "--config.export.merged=True",
+        "--config.export.quantized=True")  # fmt: skip
+    rows = metrics(tmp_path / "run")
+    assert rows[-1]["step"] == 4 and np.isfinite(rows[-1]["loss"])
+    export = tmp_path / "run" / "export"
+    for kind in ("merged", "quantized"):
+        assert read_config(export / kind)[0] == dataclasses.replace(cfg, head_dim=16), kind
+    stored, q = load_pretrained(export / "quantized", quant=None, progress=False, scan_layers=False)
+    qts = [x for x in jax.tree.leaves(q["base"], is_leaf=quant.is_quantized) if quant.is_quantized(x)]
+    assert len(qts) == 14 and stored.quant.weight_dtype == "bfloat16"  # as the bf16 checkpoint's
+    adapter = json.loads((export / "adapter" / "adapter_config.json").read_text())
+    assert sorted(adapter["target_modules"]) == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
