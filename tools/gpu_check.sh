@@ -9,9 +9,10 @@
 #      (only from a complete benchmark: a partial one would sum the Ms over different shapes);
 #   3. experiments/bench_generate.py (decode tokens/s, NF4+DQ vs bf16, LLaMA-3-8B-shaped layers, batch 1 and 8);
 #   4. experiments/bench_train.py --shape=7b (QLoRA step vs bf16-LoRA step at LLaMA-7B layer shapes);
-#   5. experiments/bench_optim.py (paged / 8-bit AdamW step time, host<->device GB/s).
-# Prints a short summary table last; full logs go to $OUT (or /tmp/gpu_check). Budget: at most 7.8 min
-# (timeouts 130 + 180 + 60 + 60 + 40 s) plus the machine's start.
+#   5. experiments/bench_optim.py (paged / 8-bit AdamW step time, host<->device GB/s);
+#   6. experiments/bench_attention.py (chunked vs whole-matrix attention: step memory and device time).
+# Prints a short summary table last; full logs go to $OUT (or /tmp/gpu_check). Budget: at most 8.8 min
+# (timeouts 130 + 180 + 60 + 60 + 40 + 60 s) plus the machine's start.
 # Usage (device tool): bash tools/gpu_check.sh
 # Dry run on a CPU (interpret mode, XLA path only): QLORA_JAX_INTERPRET=1 PY=.venv/bin/python bash tools/gpu_check.sh
 set -uo pipefail
@@ -45,6 +46,8 @@ timeout 60 $PY -m experiments.bench_train --shape=7b --seq=512 >"$OUT/bench_trai
 train_rc=$?
 timeout 40 $PY -m experiments.bench_optim >"$OUT/bench_optim.log" 2>&1
 optim_rc=$?
+timeout 60 $PY -m experiments.bench_attention --seqs=512,2048,8192 >"$OUT/bench_attention.log" 2>&1
+attention_rc=$?
 
 echo
 echo "== kernel tests (rc=$tests_rc) =="
@@ -64,4 +67,7 @@ grep -v -e "^I[0-9]" -e "^W[0-9]" "$OUT/bench_train.log" | tail -n 6
 echo
 echo "== bench_optim (rc=$optim_rc) =="
 grep -v -e "^I[0-9]" -e "^W[0-9]" "$OUT/bench_optim.log" | tail -n 12
-exit $(( tests_rc != 0 || bench_rc != 0 || generate_rc != 0 || optim_rc != 0 || train_rc != 0 ))
+echo
+echo "== bench_attention (rc=$attention_rc) =="
+grep -v -e "^I[0-9]" -e "^W[0-9]" "$OUT/bench_attention.log" | tail -n 6
+exit $(( tests_rc != 0 || bench_rc != 0 || generate_rc != 0 || optim_rc != 0 || train_rc != 0 || attention_rc != 0 ))

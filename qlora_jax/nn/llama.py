@@ -1,16 +1,21 @@
-"""LLaMA-family decoder (LLaMA 1/2/3, Mistral, Qwen2) in flax.linen, with LoRA on its linears.
+"""The decoder of the LLaMA family and its descendants, in flax.linen, with LoRA on its linears.
 
-Matches transformers' ``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``Qwen2ForCausalLM``:
-RMSNorm in float32, rotary embeddings in the rotate-half convention (default, linear and llama3
-frequency scaling), grouped-query attention, SwiGLU MLP, tied or untied embeddings, causal +
-padding (+ Mistral sliding-window) masks, and a KV cache for generation.
+Matches transformers' ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``,
+``Qwen3ForCausalLM``, ``GemmaForCausalLM``, ``Gemma2ForCausalLM`` and ``Gemma3ForCausalLM``: RMSNorm
+in float32 (Gemma's ``1 + w`` form too), rotary embeddings in the rotate-half convention (default,
+linear and llama3 frequency scaling; Gemma 3's own base for sliding layers), grouped-query
+attention (chunked, :mod:`qlora_jax.nn.attention`), SwiGLU or GeGLU MLPs, tied or untied
+embeddings, causal + padding + packed-segment masks, sliding-window layers (all of them, or per
+``layer_types``), Gemma 2's soft-capping, and a KV cache for generation. :class:`LlamaConfig` says
+which of these a checkpoint uses.
 
 Variables:
 
 * ``"base"`` — everything from the checkpoint, named as transformers names it:
   ``embed_tokens.embedding [V, D]``, ``layers_{i}.self_attn.{q,k,v,o}_proj.kernel [out, in]``
   (a QuantizedTensor when quantized; ``bias`` for Qwen2), ``layers_{i}.mlp.{gate,up,down}_proj``,
-  ``layers_{i}.{input,post_attention}_layernorm.weight``, ``norm.weight``,
+  ``layers_{i}.{input,post_attention}_layernorm.weight`` (Gemma 2/3 also
+  ``{pre,post}_feedforward_layernorm``; Qwen3 / Gemma 3 ``self_attn.{q,k}_norm``), ``norm.weight``,
   ``lm_head.kernel [V, D]`` (absent when tied). Embeddings, norms and lm_head stay unquantized.
   With ``scan_layers`` (the default) the blocks are one ``layers`` subtree whose leaves carry a
   leading ``[L]`` axis (``layers.self_attn.q_proj.kernel``: a QuantizedTensor of per-layer shape
@@ -34,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qlora_jax import parallel
+from qlora_jax.nn import attention
 from qlora_jax.nn.lora import LoRAConfig, LoRADense, QuantConfig
 
 Array = jax.Array
@@ -41,6 +47,8 @@ MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_
 LAYER_TYPES = ("full_attention", "sliding_attention")
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True)}
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ATTENTION = ("chunked", "reference")  # qlora_jax.nn.attention's chunked_attention / reference_attention
+ATTENTION_CHUNK = 512  # keys per step of chunked attention
 REMAT_POLICIES = {
     "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
@@ -340,6 +348,8 @@ class ModelSettings:
     dtype: Any = jnp.bfloat16
     impl: Any = "auto"
     decode: bool = False
+    attention: str = "chunked"  # in ATTENTION
+    attention_chunk: int = ATTENTION_CHUNK
 
     def linear(self, name: str, features: int, bias: bool = False) -> LoRADense:
         """The ``name`` linear (``q_proj``, ...): an adapter when ``lora.targets`` names it."""
@@ -401,26 +411,19 @@ class Attention(nn.Module):
         else:
             k_pos = positions
 
-        # [B, 1, S, T]: causal by position, padding, and Mistral's sliding window; packed rows: within
-        # an example only (its positions restart, so causality by position holds inside it)
-        allowed = (k_pos[:, None, :] <= q_pos[:, :, None]) & key_mask[:, None, :]
-        if segment_ids is not None:
-            allowed &= segment_ids[:, None, :] == segment_ids[:, :, None]
-        if cfg.sliding_window is not None:
-            allowed &= ~jnp.asarray(sliding) | (q_pos[:, :, None] - k_pos[:, None, :] < cfg.sliding_window)
-        allowed = allowed[:, None, :, :]
-
-        groups = h // hkv
-        qg = q.reshape(b, s, hkv, groups, dh)
+        # causal by position, padding, and a sliding layer's window; packed rows: within an example only
+        # (its positions restart, so causality by position holds inside it)
+        qg = q.reshape(b, s, hkv, h // hkv, dh)
         scale = (cfg.query_pre_attn_scalar or dh) ** -0.5
-        scores = jnp.einsum("bsngd,btnd->bngst", qg, k, preferred_element_type=jnp.float32) * scale
-        scores = softcap(scores.reshape(b, h, s, -1), cfg.attn_logit_softcapping)
-        # finite minimum, not -inf: a fully masked (padding) query row stays finite
-        scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-        out = jnp.einsum(
-            "bngst,btnd->bsngd", probs.reshape(b, hkv, groups, s, -1), v, preferred_element_type=jnp.float32
-        )
+        cap, window = cfg.attn_logit_softcapping, cfg.sliding_window
+        if self.settings.decode or self.settings.attention == "reference":  # decode: a few queries, the cache
+            allowed = attention.allowed_keys(q_pos, k_pos, key_mask, segment_ids, segment_ids, sliding, window)
+            out = attention.reference_attention(qg, k, v, allowed, scale=scale, cap=cap)
+        else:  # memory O(S), not O(S^2): keys in chunks (qlora_jax.nn.attention)
+            out = attention.chunked_attention(
+                qg, k, v, q_pos, k_pos, key_mask, segment_ids, segment_ids, sliding, window=window, scale=scale,
+                cap=cap, chunk=self.settings.attention_chunk,
+            )  # fmt: skip
         out = out.reshape(b, s, h * dh).astype(dtype)
         return linear("o_proj", cfg.hidden_size, cfg.attention_bias)(out, deterministic)
 
@@ -481,6 +484,9 @@ class LlamaForCausalLM(nn.Module):
         per-device choice the trainer passes down) or an impl name; ``"auto"`` resolves the
         device's table when traced.
       decode: KV-cache mode (see :func:`init_cache` and :func:`qlora_jax.nn.generate`).
+      attention: ``"chunked"`` (keys ``attention_chunk`` at a time with an online softmax: memory
+        ``O(S)``; :func:`qlora_jax.nn.attention.chunked_attention`) or ``"reference"`` (the whole
+        ``[S, S]`` score matrix). Decoding always uses the reference against the cache.
       scan_layers: run the decoder blocks under ``nn.scan`` (variables under ``"layers"`` with a
         leading ``[L]`` axis), so compile time does not grow with depth; False unrolls them
         (``layers_{i}``), which per-layer storage choices need (:func:`check_scannable`).
@@ -496,6 +502,8 @@ class LlamaForCausalLM(nn.Module):
     impl: Any = "auto"
     decode: bool = False
     scan_layers: bool = True
+    attention: str = "chunked"
+    attention_chunk: int = ATTENTION_CHUNK
 
     @nn.compact
     def __call__(
@@ -526,7 +534,13 @@ class LlamaForCausalLM(nn.Module):
 
         if self.remat and self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy must be one of {tuple(REMAT_POLICIES)}; got {self.remat_policy!r}")
-        settings = ModelSettings(cfg, self.lora, self.quant, self.dtype, self.impl, self.decode)
+        if self.attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {ATTENTION}; got {self.attention!r}")
+        if self.attention_chunk < 1:
+            raise ValueError(f"attention_chunk must be a positive number of keys; got {self.attention_chunk}")
+        settings = ModelSettings(
+            cfg, self.lora, self.quant, self.dtype, self.impl, self.decode, self.attention, self.attention_chunk
+        )
         if self.scan_layers:
             check_scannable(cfg, self.quant)
 

@@ -50,7 +50,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from qlora_jax import parallel
-from qlora_jax.nn.llama import LINEAR_NAMES, LlamaConfig, LlamaForCausalLM
+from qlora_jax.nn.llama import ATTENTION_CHUNK, LINEAR_NAMES, LlamaConfig, LlamaForCausalLM
 from qlora_jax.nn.lora import LoRAConfig, QuantConfig
 from qlora_jax.optim import OPTIMIZERS as _CONFIG_OPTIMIZERS
 from qlora_jax.optim import OptimizerConfig, build_optimizer
@@ -181,8 +181,9 @@ def activation_bytes(
 
     * ``per_token`` of one decoder block: the block input and the two norm outputs (``3cD``) and
       their float32 upcasts (``8D``); q, k, v and the attention output (``c(2q + 2kv)``) and
-      roped q/k in float32 (``4(q + kv)``); attention scores and softmax in float32 and the
-      probabilities in ``c`` (``(8 + c) H T`` — the ``[B, H, T, T]`` terms); gate, up and the
+      roped q/k in float32 (``4(q + kv)``); what chunked attention saves, its float32 output and
+      each query's log-sum-exp (``4q + 4H``: no ``[T, T]`` term, :mod:`qlora_jax.nn.attention`);
+      gate, up and the
       SwiGLU product in ``c`` and float32 (``(3c + 12) F``); the adapters' rank-``r``
       intermediates (``2cr`` per target).
     * ``dequantized``: at training sizes ``qmatmul`` runs a dequantize + GEMM path, dequantizing each
@@ -198,6 +199,10 @@ def activation_bytes(
       (``4 * out`` per token; measured — the quantized path is a ``custom_vjp`` that saves none).
     * The head: float32 logits, log-softmax and its cotangent (``3 * 4 V`` per token). It is
       alive before the blocks' backward pass, so it overlaps with ``working`` (max of the two).
+    * One key chunk of attention in flight (``C = min(T, 512)`` keys), freed before the next:
+      float32 scores and softmax and the probabilities in ``c`` (``(8 + c) H C`` per token; at
+      ``T <= C`` the terms of the whole-matrix attention this was validated with on an H100),
+      in ``working``.
 
     Returns:
       ``saved`` (all blocks), ``dropout`` (what dropout keeps), ``working`` (max of head and one
@@ -219,7 +224,8 @@ def activation_bytes(
         + 8 * d
         + c * (2 * q + 2 * kv)
         + 4 * (q + kv)
-        + (8 + c) * h * seq_len
+        + 4 * q
+        + 4 * h
         + (3 * c + 12) * f
         + 2 * c * r * len(targets)
     )
@@ -233,14 +239,20 @@ def activation_bytes(
     else:
         dropout = 2 * dropout_inputs * (1 if remat else layers)
     head = 3 * 4 * cfg.vocab_size * n
+    chunk = (8 + c) * h * min(seq_len, ATTENTION_CHUNK) * n
     if remat:
         return {
             "saved": c * d * n * layers,
             "dropout": dropout,
-            "working": max(head, per_token * n),
+            "working": max(head, per_token * n + chunk),
             "dequantized": block_weights,
         }
-    return {"saved": (per_token * n + block_weights) * layers, "dropout": dropout, "working": head, "dequantized": 0}
+    return {
+        "saved": (per_token * n + block_weights) * layers,
+        "dropout": dropout,
+        "working": max(head, chunk),
+        "dequantized": 0,
+    }
 
 
 # --- the plan ----------------------------------------------------------------------------------
