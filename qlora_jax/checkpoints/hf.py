@@ -151,7 +151,6 @@ def config_to_hf(config: LlamaConfig, dtype: str = "float32") -> dict:
     """A transformers-5 ``config.json`` dict for ``config`` (``LlamaConfig.from_hf`` reads it back
     to ``config``)."""
     rope = {"rope_theta": config.rope_theta, "rope_type": "default", **config.rope_scaling_dict}
-    gemma = config.model_type in ("gemma", "gemma2", "gemma3_text")
     out = {
         "architectures": [_ARCHITECTURES[config.model_type]],
         "model_type": config.model_type,
@@ -162,7 +161,7 @@ def config_to_hf(config: LlamaConfig, dtype: str = "float32") -> dict:
         "num_attention_heads": config.num_attention_heads,
         "num_key_value_heads": config.num_key_value_heads,
         "head_dim": config.dim_head,
-        "hidden_activation" if gemma else "hidden_act": config.hidden_act,
+        "hidden_activation" if config.model_type in ("gemma2", "gemma3_text") else "hidden_act": config.hidden_act,
         "rms_norm_eps": config.rms_norm_eps,
         "rope_parameters": rope,
         "max_position_embeddings": config.max_position_embeddings,

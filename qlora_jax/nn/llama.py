@@ -184,7 +184,15 @@ class LlamaConfig:
                 raise ValueError(f"{source}: {key}={d[key]!r} changes the math in a way this decoder does not "
                                  f"implement ({key}={off!r} does)")  # fmt: skip
         gemma = model_type in _GEMMA
-        act = d.get("hidden_activation") or d.get("hidden_act") or ("gelu_pytorch_tanh" if gemma else "silu")
+        # as transformers reads them: Gemma 2/3 take hidden_activation, Gemma hidden_act (its legacy
+        # "gelu" meaning the tanh approximation), the others hidden_act
+        if model_type in ("gemma2", "gemma3_text"):
+            act = d.get("hidden_activation") or "gelu_pytorch_tanh"
+        elif gemma:
+            act = d.get("hidden_act") or "gelu_pytorch_tanh"
+            act = "gelu_pytorch_tanh" if act == "gelu" else act
+        else:
+            act = d.get("hidden_act", "silu")
         if act not in ACTIVATIONS:
             raise ValueError(f"{source}: hidden_act {act!r} is not supported ({', '.join(ACTIVATIONS)})")
         rope = dict(d.get("rope_parameters") or {})
@@ -252,8 +260,10 @@ def _attention_layout(d: dict, model_type: str) -> tuple[int | None, tuple[str, 
         default = ["sliding_attention" if window and i >= d.get("max_window_layers", 28) else "full_attention"
                    for i in range(n)]  # fmt: skip
     elif model_type == "gemma2":
+        window = d.get("sliding_window", 4096)  # transformers' default
         default = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
     elif model_type == "gemma3_text":
+        window = d.get("sliding_window", 4096)
         pattern = d.get("sliding_window_pattern", 6)
         default = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
     elif model_type == "mistral":  # every layer (transformers' Mistral ignores layer_types)
@@ -262,7 +272,7 @@ def _attention_layout(d: dict, model_type: str) -> tuple[int | None, tuple[str, 
     else:  # llama, gemma: no window
         window, default = None, ["full_attention"] * n
     types = tuple(d.get("layer_types") or default)
-    if "sliding_attention" not in types:
+    if "sliding_attention" not in types or not window:  # no window: every layer attends to all
         return None, None
     return window, types
 

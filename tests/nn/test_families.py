@@ -80,6 +80,12 @@ def test_transformers_4_forms_derive_the_layer_types():
     })  # fmt: skip
     assert g3.sliding_layers == (True,) * 5 + (False, True)
     assert g3.local_rope_theta == 1e4 and g3.rope_theta == 1e6 and g3.rope_scaling_dict["factor"] == 8.0
+    # the activation's key, as transformers reads it: Gemma's hidden_act (legacy "gelu" = the tanh
+    # approximation), Gemma 2/3's hidden_activation (their hidden_act is not read)
+    gemma = {**base, "num_hidden_layers": 1}
+    assert LlamaConfig.from_hf({**gemma, "model_type": "gemma", "hidden_act": "gelu"}).hidden_act == "gelu_pytorch_tanh"
+    g2_silu = {**gemma, "model_type": "gemma2", "hidden_act": "silu", "hidden_activation": "gelu_pytorch_tanh"}
+    assert LlamaConfig.from_hf(g2_silu).hidden_act == "gelu_pytorch_tanh"
 
 
 @pytest.mark.parametrize(
