@@ -47,7 +47,7 @@ flags.DEFINE_integer("batch", 1, "global micro-batch (sequences, over all device
 flags.DEFINE_integer("seq_len", 512, "tokens per sequence")
 flags.DEFINE_integer("accum_steps", 16, "gradient accumulation micro-batches (adds the gradient accumulator)")
 flags.DEFINE_integer("rank", 64, "LoRA rank")
-flags.DEFINE_list("targets", list(LoRAConfig().targets), "LoRA target linears")
+flags.DEFINE_list("targets", ["all"], "LoRA target linears; all: every linear of the model (LLaMA: 7, Phi-3: 4)")
 flags.DEFINE_float("dropout", 0.1, "LoRA dropout (its masks cost activation memory)")
 flags.DEFINE_enum("lora_dtype", "bfloat16", ["bfloat16", "float32"], "adapter parameter dtype")
 flags.DEFINE_enum("quant", "nf4", ["nf4", "fp4", "int4", "none"], "storage of the linears (none: 16-bit LoRA)")
@@ -84,9 +84,10 @@ FLAG_KEYS = {
 }  # fmt: skip
 
 
-def training_config(f, chunk_bytes: int | None):
+def training_config(f, chunk_bytes: int | None, targets: tuple[str, ...]):
     """The fine-tune config (``configs/tiny.py`` with the flags' values) this plan is for, checked
-    by :func:`qlora_jax.train.validate.validate_config`; a bad value is named by its flag."""
+    by :func:`qlora_jax.train.validate.validate_config`; a bad value is named by its flag. ``targets``:
+    ``--targets`` with ``all`` resolved."""
     c = tiny.get_config()
     c.quant.enabled = f.quant != "none"
     c.train.paged_chunk_bytes = chunk_bytes or 0
@@ -95,7 +96,7 @@ def training_config(f, chunk_bytes: int | None):
         if c.quant.enabled:
             c.quant.type = f.quant
         c.quant.block_size, c.quant.double_quant = f.block_size, f.double_quant
-        c.lora.rank, c.lora.targets, c.lora.dropout, c.lora.dtype = f.rank, tuple(f.targets), f.dropout, f.lora_dtype
+        c.lora.rank, c.lora.targets, c.lora.dropout, c.lora.dtype = f.rank, targets, f.dropout, f.lora_dtype
         c.train.batch_size, c.train.accum_steps, c.train.remat = f.batch, f.accum_steps, f.remat
     try:
         validate_config(c)
@@ -112,13 +113,14 @@ def build_plan(argv_flags=None) -> memory.MemoryPlan:
     if f.seq_len < 1:  # not a config key: the data's lengths set it in a fine-tune
         raise ValueError(f"--seq_len must be >= 1 (tokens per sequence); got {f.seq_len}")
     chunk_bytes = None if f.chunk_bytes.lower() == "none" else parse_bytes(f.chunk_bytes, "chunk_bytes")
-    c = training_config(f, chunk_bytes)
+    cfg = model_config(f.model)
+    c = training_config(f, chunk_bytes, cfg.linear_names if f.targets == ["all"] else tuple(f.targets))
     quant = None
     if c.quant.enabled:
         quant = QuantConfig(c.quant.type, c.quant.block_size, c.quant.double_quant)
     lora = LoRAConfig(rank=c.lora.rank, targets=tuple(c.lora.targets), dropout=c.lora.dropout, dtype=c.lora.dtype)
     return memory.plan(
-        model_config(f.model), quant, lora, batch=c.train.batch_size, seq_len=f.seq_len, mesh=f.mesh, paged=f.paged,
+        cfg, quant, lora, batch=c.train.batch_size, seq_len=f.seq_len, mesh=f.mesh, paged=f.paged,
         remat=c.train.remat, accum_steps=c.train.accum_steps, optimizer=f.optimizer, shard_params=f.shard_params,
         chunk_bytes=chunk_bytes, device_memory=parse_bytes(f.device_memory),
     )  # fmt: skip

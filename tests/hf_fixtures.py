@@ -5,7 +5,18 @@ import pathlib
 import numpy as np
 
 HF = pathlib.Path(__file__).parent / "fixtures" / "hf"
-VARIANTS = ("llama_gqa", "mistral", "qwen2", "llama_tied", "llama3_rope", "qwen3", "gemma", "gemma2", "gemma3_text")
+VARIANTS = (
+    "llama_gqa",
+    "mistral",
+    "qwen2",
+    "llama_tied",
+    "llama3_rope",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "phi3",
+)
 
 
 def reference(name: str) -> dict[str, np.ndarray]:

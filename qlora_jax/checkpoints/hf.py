@@ -143,7 +143,7 @@ def read_config(path) -> tuple[LlamaConfig, dict]:
 _ARCHITECTURES = {
     "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
-    "gemma3_text": "Gemma3ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM",
 }  # fmt: skip
 
 
@@ -218,7 +218,7 @@ def bnb_quant_config(raw: dict) -> QuantConfig | None:
     )
 
 
-_PROBE_LINEAR = "model.layers.0.self_attn.q_proj.weight"
+_PROBE_LINEAR = "model.layers.0.mlp.down_proj.weight"  # a linear of every family
 
 
 def weight_dtype(tensors, prequant: bool) -> str:

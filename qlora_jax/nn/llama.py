@@ -1,10 +1,12 @@
 """The decoder of the LLaMA family and its descendants, in flax.linen, with LoRA on its linears.
 
 Matches transformers' ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``,
-``Qwen3ForCausalLM``, ``GemmaForCausalLM``, ``Gemma2ForCausalLM`` and ``Gemma3ForCausalLM``: RMSNorm
+``Qwen3ForCausalLM``, ``GemmaForCausalLM``, ``Gemma2ForCausalLM``, ``Gemma3ForCausalLM`` and
+``Phi3ForCausalLM``: RMSNorm
 in float32 (Gemma's ``1 + w`` form too), rotary embeddings in the rotate-half convention (default,
 linear and llama3 frequency scaling; Gemma 3's own base for sliding layers), grouped-query
-attention (chunked, :mod:`qlora_jax.nn.attention`), SwiGLU or GeGLU MLPs, tied or untied
+attention (chunked, :mod:`qlora_jax.nn.attention`), SwiGLU or GeGLU MLPs (Phi-3's projections
+fused: ``qkv_proj``, ``gate_up_proj``), tied or untied
 embeddings, causal + padding + packed-segment masks, sliding-window layers (all of them, or per
 ``layer_types``), Gemma 2's soft-capping, and a KV cache for generation. :class:`LlamaConfig` says
 which of these a checkpoint uses.
@@ -13,7 +15,8 @@ Variables:
 
 * ``"base"`` — everything from the checkpoint, named as transformers names it:
   ``embed_tokens.embedding [V, D]``, ``layers_{i}.self_attn.{q,k,v,o}_proj.kernel [out, in]``
-  (a QuantizedTensor when quantized; ``bias`` for Qwen2), ``layers_{i}.mlp.{gate,up,down}_proj``,
+  (a QuantizedTensor when quantized; ``bias`` for Qwen2), ``layers_{i}.mlp.{gate,up,down}_proj``
+  (Phi-3: ``self_attn.{qkv,o}_proj``, ``mlp.{gate_up,down}_proj``: :attr:`LlamaConfig.linear_names`),
   ``layers_{i}.{input,post_attention}_layernorm.weight`` (Gemma 2/3 also
   ``{pre,post}_feedforward_layernorm``; Qwen3 / Gemma 3 ``self_attn.{q,k}_norm``), ``norm.weight``,
   ``lm_head.kernel [V, D]`` (absent when tied). Embeddings, norms and lm_head stay unquantized.
@@ -43,10 +46,13 @@ from qlora_jax.nn import attention
 from qlora_jax.nn.lora import LoRAConfig, LoRADense, QuantConfig
 
 Array = jax.Array
-MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True)}
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Phi-3 stores q/k/v as one linear and gate/up as another, and PEFT names them so
+FUSED_LINEAR_NAMES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+ALL_LINEAR_NAMES = tuple(dict.fromkeys(LINEAR_NAMES + FUSED_LINEAR_NAMES))  # of any family
 ATTENTION = ("chunked", "reference")  # qlora_jax.nn.attention's chunked_attention / reference_attention
 ATTENTION_CHUNK = 512  # keys per step of chunked attention
 REMAT_POLICIES = {
@@ -68,6 +74,8 @@ _UNIMPLEMENTED = {
     "residual_multiplier": 1.0,
     "attention_multiplier": None,
     "no_rope_layers": None,
+    "resid_pdrop": 0.0,  # Phi-3's dropouts beside attention's
+    "embd_pdrop": 0.0,
 }
 _GEMMA = ("gemma", "gemma2", "gemma3_text")
 
@@ -85,7 +93,10 @@ class LlamaConfig:
       by ``query_pre_attn_scalar ** -0.5``, attention and final logits soft-capped
       (``cap * tanh(x / cap)``), sliding-window and global layers alternating (``layer_types``);
     * Gemma 3 (text): Gemma 2 without soft-capping, with ``qk_norm``, five sliding layers per
-      global one, and the sliding layers' own rotary base (``local_rope_theta``).
+      global one, and the sliding layers' own rotary base (``local_rope_theta``);
+    * Phi-3: LLaMA with q/k/v in one linear ``qkv_proj`` (rows: queries, keys, values) and gate/up
+      in one ``gate_up_proj`` (rows: gate, up) (``fused_projections``), every layer sliding when a
+      window is set (Mistral's rule).
     """
 
     vocab_size: int = 256
@@ -114,6 +125,7 @@ class LlamaConfig:
     attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
     local_rope_theta: float | None = None  # sliding layers' rotary base (Gemma 3); None: rope_theta
+    fused_projections: bool = False  # Phi-3's qkv_proj and gate_up_proj
     model_type: str = "llama"
     bos_token_id: int | None = 1
     eos_token_id: int | tuple[int, ...] | None = 2
@@ -152,6 +164,20 @@ class LlamaConfig:
     @property
     def rope_scaling_dict(self) -> dict:
         return dict(self.rope_scaling or ())
+
+    @property
+    def linear_names(self) -> tuple[str, ...]:
+        """The linears of a block, attention's then the MLP's, as checkpoints and PEFT name them."""
+        return FUSED_LINEAR_NAMES if self.fused_projections else LINEAR_NAMES
+
+    def linear_dims(self) -> dict[str, tuple[int, int]]:
+        """``{name: (in, out)}`` of a block's linears."""
+        d, f = self.hidden_size, self.intermediate_size
+        q, kv = self.num_attention_heads * self.dim_head, self.num_key_value_heads * self.dim_head
+        if self.fused_projections:
+            return {"qkv_proj": (d, q + 2 * kv), "o_proj": (q, d), "gate_up_proj": (d, 2 * f), "down_proj": (f, d)}
+        attn = {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d)}
+        return attn | {"gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}
 
     @property
     def sliding_layers(self) -> tuple[bool, ...]:
@@ -196,6 +222,11 @@ class LlamaConfig:
         if act not in ACTIVATIONS:
             raise ValueError(f"{source}: hidden_act {act!r} is not supported ({', '.join(ACTIVATIONS)})")
         rope = dict(d.get("rope_parameters") or {})
+        # transformers 5 keeps partial_rotary_factor in rope_parameters (Phi-3 writes 1.0 there)
+        partial = rope.pop("partial_rotary_factor", 1.0)
+        if partial != 1.0:
+            raise ValueError(f"{source}: rope_parameters.partial_rotary_factor={partial!r} changes the math in a "
+                             "way this decoder does not implement (1.0 does)")  # fmt: skip
         local_theta = None
         if model_type == "gemma3_text":  # rotary per layer type
             by_type = {t: dict(rope.get(t) or {}) for t in LAYER_TYPES}
@@ -214,6 +245,9 @@ class LlamaConfig:
         scaling.pop("type", None)
         if scaling.get("rope_type", "default") == "default":
             scaling = {}
+        if scaling.get("rope_type", "linear") not in ("linear", "llama3"):  # e.g. Phi-3 128k's longrope
+            raise ValueError(f"{source}: rope scaling type {scaling['rope_type']!r} is not supported "
+                             "(default, linear, llama3)")  # fmt: skip
         sliding, layer_types = _attention_layout(d, model_type)
         eos = d.get("eos_token_id", 2)
         return cls(
@@ -243,6 +277,7 @@ class LlamaConfig:
             attn_logit_softcapping=d.get("attn_logit_softcapping", 50.0 if model_type == "gemma2" else None),
             final_logit_softcapping=d.get("final_logit_softcapping", 30.0 if model_type == "gemma2" else None),
             local_rope_theta=local_theta,
+            fused_projections=model_type == "phi3",
             model_type=model_type,
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
@@ -266,7 +301,7 @@ def _attention_layout(d: dict, model_type: str) -> tuple[int | None, tuple[str, 
         window = d.get("sliding_window", 4096)
         pattern = d.get("sliding_window_pattern", 6)
         default = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
-    elif model_type == "mistral":  # every layer (transformers' Mistral ignores layer_types)
+    elif model_type in ("mistral", "phi3"):  # every layer (transformers ignores layer_types)
         window = window if d.get("use_sliding_window", True) else None
         return window, None
     else:  # llama, gemma: no window
@@ -388,9 +423,14 @@ class Attention(nn.Module):
         h, hkv, dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.dim_head
         qkv_bias = cfg.attention_bias or cfg.qkv_bias
         linear = self.settings.linear
-        q = linear("q_proj", h * dh, qkv_bias)(x, deterministic).reshape(b, s, h, dh)
-        k = linear("k_proj", hkv * dh, qkv_bias)(x, deterministic).reshape(b, s, hkv, dh)
-        v = linear("v_proj", hkv * dh, qkv_bias)(x, deterministic).reshape(b, s, hkv, dh)
+        if cfg.fused_projections:  # Phi-3: one linear, rows queries | keys | values
+            qkv = linear("qkv_proj", (h + 2 * hkv) * dh, qkv_bias)(x, deterministic)
+            q, k, v = jnp.split(qkv, [h * dh, (h + hkv) * dh], axis=-1)
+        else:
+            q = linear("q_proj", h * dh, qkv_bias)(x, deterministic)
+            k = linear("k_proj", hkv * dh, qkv_bias)(x, deterministic)
+            v = linear("v_proj", hkv * dh, qkv_bias)(x, deterministic)
+        q, k, v = q.reshape(b, s, h, dh), k.reshape(b, s, hkv, dh), v.reshape(b, s, hkv, dh)
         if cfg.qk_norm:  # Qwen3, Gemma 3: each head's queries and keys, before rotary
             q, k = _norm(cfg, dtype, "q_norm")(q), _norm(cfg, dtype, "k_norm")(k)
 
@@ -444,8 +484,12 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: Array, deterministic: bool) -> Array:
         cfg, dtype, linear = self.settings.config, self.settings.dtype, self.settings.linear
-        gate = linear("gate_proj", cfg.intermediate_size, cfg.mlp_bias)(x, deterministic)
-        up = linear("up_proj", cfg.intermediate_size, cfg.mlp_bias)(x, deterministic)
+        if cfg.fused_projections:  # Phi-3: one linear, rows gate | up
+            gate, up = jnp.split(linear("gate_up_proj", 2 * cfg.intermediate_size, cfg.mlp_bias)(x, deterministic), 2,
+                                 axis=-1)  # fmt: skip
+        else:
+            gate = linear("gate_proj", cfg.intermediate_size, cfg.mlp_bias)(x, deterministic)
+            up = linear("up_proj", cfg.intermediate_size, cfg.mlp_bias)(x, deterministic)
         act = ACTIVATIONS[cfg.hidden_act]  # SwiGLU, or Gemma's GeGLU
         hidden = (act(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(dtype)
         return linear("down_proj", cfg.hidden_size, cfg.mlp_bias)(hidden, deterministic)
@@ -526,9 +570,10 @@ class LlamaForCausalLM(nn.Module):
     ) -> Array:
         cfg = self.config
         if self.lora is not None:
-            unknown = sorted(set(self.lora.targets) - set(LINEAR_NAMES))
+            unknown = sorted(set(self.lora.targets) - set(cfg.linear_names))
             if unknown:
-                raise ValueError(f"LoRA targets {unknown} name no linear of this model; known: {LINEAR_NAMES}")
+                raise ValueError(f"LoRA targets {unknown} name no linear of this {cfg.model_type} model; its linears: "
+                                 f"{cfg.linear_names}")  # fmt: skip
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.bool_)
         key_mask = attention_mask.astype(jnp.bool_)  # [B, S]
@@ -697,7 +742,9 @@ def layer_specific_storage(config: LlamaConfig, quant: QuantConfig | None) -> st
     store differently in different layers (e.g. ``layers.3.mlp.down_proj``), or None."""
     if quant is None or not (quant.skip_modules or quant.no_double_quant):
         return None
-    for block, names in (("self_attn", LINEAR_NAMES[:4]), ("mlp", LINEAR_NAMES[4:])):
+    linears = config.linear_names
+    split = linears.index("o_proj") + 1  # attention's linears end with o_proj
+    for block, names in (("self_attn", linears[:split]), ("mlp", linears[split:])):
         for name in names:
             storages = {quant.for_module(f"model.layers.{i}.{block}.{name}") for i in range(config.num_hidden_layers)}
             if len(storages) > 1:

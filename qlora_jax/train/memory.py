@@ -50,7 +50,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from qlora_jax import parallel
-from qlora_jax.nn.llama import ATTENTION_CHUNK, LINEAR_NAMES, LlamaConfig, LlamaForCausalLM
+from qlora_jax.nn.llama import ATTENTION_CHUNK, LlamaConfig, LlamaForCausalLM
 from qlora_jax.nn.lora import LoRAConfig, QuantConfig
 from qlora_jax.optim import OPTIMIZERS as _CONFIG_OPTIMIZERS
 from qlora_jax.optim import OptimizerConfig, build_optimizer
@@ -214,11 +214,9 @@ def activation_bytes(
     c = _itemsize(dtype)
     d, f, h = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads
     q, kv = h * cfg.dim_head, cfg.num_key_value_heads * cfg.dim_head
-    # (in, out) of the seven linears of a block, the dimensions of the estimate
-    dims = {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d)}
-    dims |= {"gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}
+    dims = cfg.linear_dims()  # (in, out) of a block's linears, the dimensions of the estimate
     r = lora.rank if lora is not None else 0
-    targets = [t for t in LINEAR_NAMES if lora is not None and r > 0 and t in lora.targets]
+    targets = [t for t in cfg.linear_names if lora is not None and r > 0 and t in lora.targets]
     per_token = (
         3 * c * d
         + 8 * d

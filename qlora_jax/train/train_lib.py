@@ -297,6 +297,12 @@ def setup(config, mesh) -> Setup:
                 f"stores {stored} weights in 4 bits (a bitsandbytes checkpoint)"
             )
     check_tokenizer(tok, model.config, config.model_path)
+    if model.lora is not None and (unknown := sorted(set(model.lora.targets) - set(model.config.linear_names))):
+        raise ConfigError(  # named here, not from inside the model's trace
+            "lora.targets", f"={tuple(config.lora.targets)!r}: {unknown} name no linear of this "
+            f"{model.config.model_type} model (config.model_path={config.model_path}); its linears: "
+            f"{','.join(model.config.linear_names)}"
+        )  # fmt: skip
     if config.export.gguf and model.config.model_type not in gguf.EXPORTABLE:  # refused now, not after training
         raise ConfigError(
             "export.gguf", f"={config.export.gguf!r}: the GGUF writer covers {gguf.EXPORTABLE}, not this model's "

@@ -21,7 +21,7 @@ from qlora_jax.data.chat import TRAIN_ON
 from qlora_jax.data.jsonl import FORMATS
 from qlora_jax.data.synthetic import FAMILIES
 from qlora_jax.data.tokenizer import WHEEL_PREFIX
-from qlora_jax.nn.llama import LINEAR_NAMES
+from qlora_jax.nn.llama import ALL_LINEAR_NAMES
 from qlora_jax.parallel import MODES
 from qlora_jax.quant import blockwise, codebooks
 
@@ -151,7 +151,7 @@ RULES: dict[str, Callable] = {
     "lora.rank": _int(0, " (0 only with train.trainable='full')"),
     "lora.alpha": _finite_positive(),
     "lora.dropout": _float(0.0, 1.0),
-    "lora.targets": _names(LINEAR_NAMES, empty=False),
+    "lora.targets": _names(ALL_LINEAR_NAMES, empty=False),
     "lora.use_rslora": _bool,
     "lora.init": _choice(("default", "gaussian")),
     "lora.dtype": _choice(("float32", "bfloat16")),

@@ -24,7 +24,7 @@ def _linears(frozen):
     return {k: v for k, v in flat.items() if isinstance(v, quant.QuantizedTensor)}
 
 
-BNB_FIXTURES = ["llama_bnb4bit", "qwen3_bnb4bit", "gemma3_text_bnb4bit"]
+BNB_FIXTURES = ["llama_bnb4bit", "qwen3_bnb4bit", "gemma3_text_bnb4bit", "phi3_bnb4bit"]
 
 
 @pytest.mark.parametrize("name", BNB_FIXTURES)
@@ -33,7 +33,7 @@ def test_bnb_checkpoint_loads_byte_exact_and_matches_its_logits(name):
     model, v = load_pretrained(d, quant=None, dtype=jnp.float32, progress=False)
     stored = load_file(d / "model.safetensors")
     linears = _linears(v["base"])
-    assert len(linears) == 14
+    assert len(linears) == 2 * len(model.config.linear_names)  # Phi-3: 4 a layer (qkv and gate/up fused)
     for path, qt in linears.items():
         key = f"model.layers.{path[0].split('_')[1]}.{path[1]}.{path[2]}.weight"
         np.testing.assert_array_equal(np.asarray(qt.packed), stored[key].reshape(-1))

@@ -1,4 +1,4 @@
-"""Qwen3 and Gemma 1/2/3 against transformers: each family's own math, its config forms, exports.
+"""Qwen3, Gemma 1/2/3 and Phi-3 against transformers: each family's own math, its config forms, exports.
 
 The fp32 logits of every family are compared with transformers' in test_llama.py (``VARIANTS``)
 and their bitsandbytes 4-bit checkpoints in tests/checkpoints/test_hf.py; here each feature the
@@ -32,6 +32,7 @@ FEATURES = [
     ("gemma3_text", {"local_rope_theta": None}),
     ("gemma3_text", {"rope_scaling": None}),
     ("gemma3_text", {"qk_norm": False}),
+    ("phi3", {"sliding_window": None}),  # every layer sliding (6 < 16 tokens)
 ]
 
 
@@ -61,6 +62,9 @@ def test_family_configs_are_read_as_transformers_reads_them():
     assert g3.local_rope_theta == 10_000.0 and g3.rope_theta == 1_000_000.0
     assert g3.rope_scaling_dict == {"rope_type": "linear", "factor": 8.0}
     assert g3.attn_logit_softcapping is None and g3.qk_norm and g3.sandwich_norms
+    phi3 = read_config(HF / "phi3")[0]
+    assert phi3.fused_projections and phi3.sliding_layers == (True, True) and phi3.layer_types is None
+    assert phi3.linear_names == ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
 def test_transformers_4_forms_derive_the_layer_types():
@@ -96,7 +100,12 @@ def test_transformers_4_forms_derive_the_layer_types():
         ({"use_bidirectional_attention": True}, "use_bidirectional_attention=True"),
         ({"hidden_activation": "gelu"}, "hidden_act 'gelu' is not supported"),
         ({"model_type": "gemma3"}, "vision-language wrapper"),
-        ({"model_type": "phi3"}, "model_type 'phi3' is not supported"),
+        ({"model_type": "phi"}, "model_type 'phi' is not supported"),
+        (
+            {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.75}},
+            "partial_rotary_factor=0.75 changes the math",
+        ),
+        ({"resid_pdrop": 0.1}, "resid_pdrop=0.1 changes the math"),
     ],
 )
 def test_a_config_key_whose_math_is_not_implemented_is_refused_by_name(change, match):
@@ -105,19 +114,26 @@ def test_a_config_key_whose_math_is_not_implemented_is_refused_by_name(change, m
         LlamaConfig.from_hf({**raw, **change})
 
 
-@pytest.mark.parametrize("name", ["qwen3", "gemma", "gemma2", "gemma3_text", "mistral", "qwen2", "llama3_rope"])
+def test_phi3_128ks_longrope_is_refused_naming_the_file():
+    _, raw = read_config(HF / "phi3")
+    longrope = {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}
+    with pytest.raises(ValueError, match=r"phi3/config\.json: rope scaling type 'longrope' is not supported"):
+        LlamaConfig.from_hf({**raw, "rope_parameters": longrope}, source=str(HF / "phi3" / "config.json"))
+
+
+@pytest.mark.parametrize("name", ["qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "mistral", "qwen2", "llama3_rope"])
 def test_config_to_hf_reads_back_to_the_same_config(name):
     cfg = read_config(HF / name)[0]
     cfg = dataclasses.replace(cfg, head_dim=cfg.dim_head)  # config_to_hf writes the head_dim it implies
     assert LlamaConfig.from_hf(config_to_hf(cfg)) == cfg
 
 
-@pytest.mark.parametrize("name", ["gemma2", "gemma3_text"])
+@pytest.mark.parametrize("name", ["gemma2", "gemma3_text", "phi3"])
 def test_a_merged_export_loads_back_with_the_same_logits(tmp_path, name):
     model, v = load_pretrained(HF / name, quant=None, dtype=jnp.float32, progress=False, scan_layers=False)
     export_hf(tmp_path / "out", model.config, v["base"])
     back, w = load_pretrained(tmp_path / "out", quant=None, dtype=jnp.float32, progress=False, scan_layers=False)
-    assert back.config == model.config
+    assert back.config == dataclasses.replace(model.config, head_dim=model.config.dim_head)  # written explicitly
     jax.tree.map(np.testing.assert_array_equal, v["base"], w["base"])
     assert _max_error(back, w, reference(name)) <= 1e-4
 
@@ -166,3 +182,60 @@ def test_a_gemma3_checkpoint_fine_tunes_and_exports_as_gemma3(tmp_path):
     assert sorted(adapter["target_modules"]) == sorted(
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
+
+
+def test_a_peft_adapter_on_phi3s_fused_linears_gives_pefts_logits_and_exports_to_its_file(tmp_path):
+    """A PEFT 0.21 adapter (random B) on qkv_proj / o_proj / gate_up_proj / down_proj
+    (make_peft_fixture.py): its tensors, read by PEFT's names, give PEFT's float32 logits; written
+    back by export_peft_adapter they are PEFT's file, name for name and value for value."""
+    import json
+
+    from flax import traverse_util
+    from safetensors.numpy import load_file
+
+    from qlora_jax.checkpoints import export_peft_adapter
+    from qlora_jax.nn import LoRAConfig
+
+    src = HF.parent / "peft" / "phi3_r4"
+    theirs = load_file(src / "adapter_model.safetensors")
+    peft_cfg = json.loads((src / "adapter_config.json").read_text())
+    lora = LoRAConfig(rank=peft_cfg["r"], alpha=peft_cfg["lora_alpha"], dropout=0.0,
+                      targets=tuple(sorted(peft_cfg["target_modules"])))  # fmt: skip
+    model, v = load_pretrained(HF / "phi3", quant=None, lora=lora, dtype=jnp.float32, progress=False, scan_layers=False)
+    flat = {}
+    for name, x in theirs.items():  # base_model.model.model.layers.{i}.{block}.{module}.lora_{A|B}.weight
+        i, block, module, kind = name.split(".")[4:8]
+        flat[(f"layers_{i}", block, module, kind.lower())] = jnp.asarray(x)
+    params = traverse_util.unflatten_dict(flat)
+    assert jax.tree.map(lambda a: a.shape, params) == jax.tree.map(lambda a: a.shape, v["params"])
+    ref = dict(np.load(src / "reference.npz"))
+    logits = np.asarray(model.apply({**v, "params": params}, ref["input_ids"], ref["attention_mask"],
+                                    ref["position_ids"]))  # fmt: skip
+    real = ref["attention_mask"].astype(bool)
+    scale = np.abs(ref["logits"][real]).max()
+    assert np.abs(logits - ref["logits"])[real].max() <= 1e-4 * scale
+    assert np.abs(ref["base_logits"] - ref["logits"])[real].max() > 1e-2 * scale  # the adapters matter
+    export_peft_adapter(tmp_path, params, lora, None)
+    ours = load_file(tmp_path / "adapter_model.safetensors")
+    assert ours.keys() == theirs.keys()
+    for name in theirs:
+        np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert sorted(cfg["target_modules"]) == sorted(peft_cfg["target_modules"]) and cfg["r"] == peft_cfg["r"]
+
+
+def test_llamas_lora_targets_on_phi3_are_refused_naming_the_config_key(tmp_path):
+    from finetune_cli import run
+
+    from qlora_jax.data import ByteTokenizer
+    from qlora_jax.nn import LlamaForCausalLM
+
+    tok = ByteTokenizer()
+    cfg = dataclasses.replace(read_config(HF / "phi3")[0], vocab_size=tok.vocab_size)
+    base = LlamaForCausalLM(cfg, dtype=jnp.float32).init(jax.random.key(0), jnp.ones((1, 4), jnp.int32))["base"]
+    export_hf(tmp_path / "phi3", cfg, base)
+    tok.save(tmp_path / "phi3")
+    refused = run(tmp_path / "run", f"--config.model_path={tmp_path / 'phi3'}", check=False)
+    assert refused.returncode != 0
+    assert "config.lora.targets=" in refused.stderr
+    assert "its linears: qkv_proj,o_proj,gate_up_proj,down_proj" in refused.stderr

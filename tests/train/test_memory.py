@@ -10,6 +10,7 @@ optimizers on the CPU (jax 0.11.2 counts paged host state as device arguments th
 
 import inspect
 import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -354,3 +355,20 @@ def test_parse_bytes():
 def test_cli_bad_input_names_the_flag(capsys, args, message):
     with pytest.raises(app.UsageError, match=message):
         run_cli(capsys, *args)
+
+
+def test_phi3s_fused_linears_are_planned_as_stored(capsys):
+    """Phi-3 (qkv_proj, gate_up_proj): the base and adapter bytes of the model's own variables, and
+    an adapter per fused linear, r (in + out) each; the CLI's default targets are the model's."""
+    cfg = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, fused_projections=True, model_type="phi3")  # fmt: skip
+    lora = LoRAConfig(rank=8, targets=("qkv_proj", "gate_up_proj"), dtype=jnp.bfloat16)
+    model = LlamaForCausalLM(cfg, lora=lora, quant=QuantConfig(), dtype=jnp.bfloat16)
+    params, frozen = split_params(abstract_variables(model))
+    p = memory.plan(cfg, QuantConfig(), lora, batch=1, seq_len=8)
+    assert p.frozen_quantized + p.frozen_other == memory.tree_nbytes(frozen)
+    assert p.adapters == memory.tree_nbytes(params) == 2 * 8 * ((64 + 128) + (64 + 192)) * 2  # bf16, 2 layers
+    hf = pathlib.Path(__file__).parents[1] / "fixtures" / "hf" / "phi3"
+    assert "verdict: fits" in run_cli(capsys, f"--model={hf}")
+    with pytest.raises(app.UsageError, match=r"\[.q_proj.\] name no linear of this phi3 model"):
+        run_cli(capsys, f"--model={hf}", "--targets=q_proj")
