@@ -56,6 +56,8 @@ flags.DEFINE_bool("double_quant", True, "double quantization of the absmax")
 flags.DEFINE_bool("paged", True, "paged optimizer (state >= 1e5 elements in host memory)")
 flags.DEFINE_enum("optimizer", "adamw", list(memory.OPTIMIZERS), "AdamW or 8-bit AdamW")
 flags.DEFINE_bool("remat", True, "gradient checkpointing (nn.remat per decoder block)")
+flags.DEFINE_enum("remat_policy", "nothing_saveable", list(memory.PLANNED_POLICIES),
+                  "what a checkpointed block keeps (offload_linears: the linears' outputs in host memory)")  # fmt: skip
 flags.DEFINE_string("mesh", "data=1,fsdp=1", "device mesh, e.g. data=2,fsdp=4")
 flags.DEFINE_string(
     "chunk_bytes", "256MiB", "paged(chunk_bytes=...), as config.train.paged_chunk_bytes; none = all state at once"
@@ -80,7 +82,7 @@ FLAG_KEYS = {
     "batch": "train.batch_size", "accum_steps": "train.accum_steps", "rank": "lora.rank", "targets": "lora.targets",
     "dropout": "lora.dropout", "lora_dtype": "lora.dtype", "quant": "quant.type", "block_size": "quant.block_size",
     "double_quant": "quant.double_quant", "optimizer": "train.optimizer", "remat": "train.remat",
-    "chunk_bytes": "train.paged_chunk_bytes",
+    "remat_policy": "train.remat_policy", "chunk_bytes": "train.paged_chunk_bytes",
 }  # fmt: skip
 
 
@@ -98,6 +100,7 @@ def training_config(f, chunk_bytes: int | None, targets: tuple[str, ...]):
         c.quant.block_size, c.quant.double_quant = f.block_size, f.double_quant
         c.lora.rank, c.lora.targets, c.lora.dropout, c.lora.dtype = f.rank, targets, f.dropout, f.lora_dtype
         c.train.batch_size, c.train.accum_steps, c.train.remat = f.batch, f.accum_steps, f.remat
+        c.train.remat_policy = f.remat_policy
     try:
         validate_config(c)
     except ConfigError as e:
@@ -121,7 +124,8 @@ def build_plan(argv_flags=None) -> memory.MemoryPlan:
     lora = LoRAConfig(rank=c.lora.rank, targets=tuple(c.lora.targets), dropout=c.lora.dropout, dtype=c.lora.dtype)
     return memory.plan(
         cfg, quant, lora, batch=c.train.batch_size, seq_len=f.seq_len, mesh=f.mesh, paged=f.paged,
-        remat=c.train.remat, accum_steps=c.train.accum_steps, optimizer=f.optimizer, shard_params=f.shard_params,
+        remat=c.train.remat, remat_policy=c.train.remat_policy, accum_steps=c.train.accum_steps, optimizer=f.optimizer,
+        shard_params=f.shard_params,
         chunk_bytes=chunk_bytes, device_memory=parse_bytes(f.device_memory),
     )  # fmt: skip
 
@@ -149,7 +153,8 @@ def main(argv):
     print(f"model {FLAGS.model}: batch {FLAGS.batch} x seq {FLAGS.seq_len}, accum {FLAGS.accum_steps}, "
           f"quant {FLAGS.quant}{'+DQ' if FLAGS.double_quant and FLAGS.quant != 'none' else ''}, "
           f"LoRA r={FLAGS.rank} {FLAGS.lora_dtype}, {'paged ' if FLAGS.paged else ''}{FLAGS.optimizer}, "
-          f"remat={FLAGS.remat}, mesh {FLAGS.mesh}, chunk_bytes {FLAGS.chunk_bytes}")  # fmt: skip
+          f"remat={FLAGS.remat} ({FLAGS.remat_policy}), mesh {FLAGS.mesh}, "
+          f"chunk_bytes {FLAGS.chunk_bytes}")  # fmt: skip
     print(p.table())
     if FLAGS.paper:
         print(paper_comparison())

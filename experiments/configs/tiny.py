@@ -119,6 +119,14 @@ def get_config(arg: str | None = None):
     c.train.trainable = "lora"  # lora: adapters only | full: every weight of an unquantized base (pre-training)
     c.train.dtype = "bfloat16"  # compute dtype
     c.train.remat = False  # gradient checkpointing per decoder block
+    # what a checkpointed block keeps: nothing_saveable (its input only; recompute the block) |
+    # save_linears (also every linear's output: no matmul recomputed) | offload_linears (those in host
+    # memory, GPU) | dots_saveable | dots_with_no_batch_dims_saveable (qlora_jax.nn.llama.REMAT_POLICIES)
+    c.train.remat_policy = "nothing_saveable"
+    # attention in training and evaluation: chunked (keys attention_chunk at a time, memory O(S)) |
+    # reference (the whole [S, S] score matrix); decoding always attends to its cache directly
+    c.train.attention = "chunked"
+    c.train.attention_chunk = 512
 
     # Scale-out: a Mesh of data x fsdp over all devices (every host); -1 = the devices left over.
     # The batch is split over both axes; the frozen base is split over fsdp (block-aligned rows).

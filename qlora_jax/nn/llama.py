@@ -43,7 +43,7 @@ import numpy as np
 
 from qlora_jax import parallel
 from qlora_jax.nn import attention
-from qlora_jax.nn.lora import LoRAConfig, LoRADense, QuantConfig
+from qlora_jax.nn.lora import LINEAR_OUTPUT, LoRAConfig, LoRADense, QuantConfig
 
 Array = jax.Array
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
@@ -55,8 +55,20 @@ FUSED_LINEAR_NAMES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 ALL_LINEAR_NAMES = tuple(dict.fromkeys(LINEAR_NAMES + FUSED_LINEAR_NAMES))  # of any family
 ATTENTION = ("chunked", "reference")  # qlora_jax.nn.attention's chunked_attention / reference_attention
 ATTENTION_CHUNK = 512  # keys per step of chunked attention
+# what a rematerialized decoder block keeps for the backward pass (LlamaForCausalLM.remat_policy,
+# config.train.remat_policy): nothing_saveable keeps only each block's input and recomputes the
+# block; save_linears also keeps every linear's output (q/k/v/o, gate/up/down: the matmuls, not
+# their recompute), offload_linears keeps them in host memory (pinned_host; a GPU's host RAM). The
+# dots_* policies see only plain dots: the adapters', not the 4-bit linears' (qmatmul is a custom_vjp)
 REMAT_POLICIES = {
     "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "save_linears": jax.checkpoint_policies.save_only_these_names(LINEAR_OUTPUT),
+    "offload_linears": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[],
+        names_which_can_be_offloaded=[LINEAR_OUTPUT],
+        offload_src="device",
+        offload_dst="pinned_host",
+    ),
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }

@@ -23,8 +23,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from qlora_jax import kernels, parallel, quant
+
+# the name every LoRADense output carries, for remat policies that keep the linears' outputs
+# (qlora_jax.nn.llama.REMAT_POLICIES): qmatmul is a custom_vjp, which dots_saveable does not see
+LINEAR_OUTPUT = "linear_out"
 
 Array = jax.Array
 LORA_LEAVES = ("lora_a", "lora_b")
@@ -190,7 +195,7 @@ class LoRADense(nn.Module):
             h = _matmul_t(h, a.astype(self.dtype))  # [..., r]
             h = _matmul_t(h, b.astype(self.dtype))  # [..., out]
             y = y + (h.astype(jnp.float32) * cfg.scale).astype(self.dtype)
-        return y
+        return checkpoint_name(y, LINEAR_OUTPUT)
 
 
 def hf_module_name(path: tuple[str, ...]) -> str:

@@ -66,6 +66,8 @@ RESERVE_BYTES = 1 * GiB
 RESERVE_FRACTION = 0.05
 # plan()'s ``optimizer``: the builder's names without "paged_" (``paged=`` says that)
 OPTIMIZERS = tuple(o for o in _CONFIG_OPTIMIZERS if not o.startswith("paged_"))
+# the remat policies whose activations the planner models (the dots_* ones it does not)
+PLANNED_POLICIES = ("nothing_saveable", "save_linears", "offload_linears")
 CHECKPOINT_ITEMSIZE = 2  # a checkpoint tensor is read in bf16 (the HF checkpoints' dtype) for the load peak
 
 
@@ -172,6 +174,7 @@ def activation_bytes(
     remat: bool,
     dtype=jnp.bfloat16,
     backend: str = "gpu",
+    remat_policy: str = "nothing_saveable",
 ) -> dict[str, int]:
     """Estimated activation bytes of one micro-batch's forward + backward, per device.
 
@@ -191,7 +194,11 @@ def activation_bytes(
       Without remat, XLA merges the forward's and the backward's dequantize (CSE), so every
       block keeps its dequantized weights; with remat, one block's at a time.
     * remat=False saves ``per_token * N`` (+ the dequantized weights) per block; remat=True saves
-      each block's input (``cDN``) and recomputes one block at a time (``working``).
+      each block's input (``cDN``) and recomputes one block at a time (``working``). With
+      ``remat_policy="save_linears"`` every block also keeps its linears' outputs (``c`` times the
+      sum of their output widths per token), which the recomputed block then does not hold again;
+      ``"offload_linears"`` keeps them in host memory instead (``offloaded``; a GPU's — XLA:CPU
+      ignores the offload, measured, so ``backend="cpu"`` counts them on the device).
     * LoRA dropout draws uint32 random bits over each target's input. XLA:CPU keeps them (twice:
       forward and recompute) for every block, even under remat; XLA:GPU fuses them into the mask
       and keeps one block's two bool masks.
@@ -206,10 +213,13 @@ def activation_bytes(
 
     Returns:
       ``saved`` (all blocks), ``dropout`` (what dropout keeps), ``working`` (max of head and one
-      recomputed block), ``dequantized`` (one block's dequantized weights, with remat) — to add.
+      recomputed block), ``dequantized`` (one block's dequantized weights, with remat) — to add —
+      and ``offloaded`` (host bytes, not among them).
     """
     if backend not in ("gpu", "cpu"):
         raise ValueError(f"backend must be 'gpu' or 'cpu'; got {backend!r}")
+    if remat and remat_policy not in PLANNED_POLICIES:
+        raise ValueError(f"the planner models remat_policy in {PLANNED_POLICIES}; got {remat_policy!r}")
     n = batch * seq_len
     c = _itemsize(dtype)
     d, f, h = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads
@@ -239,17 +249,22 @@ def activation_bytes(
     head = 3 * 4 * cfg.vocab_size * n
     chunk = (8 + c) * h * min(seq_len, ATTENTION_CHUNK) * n
     if remat:
+        linears = c * sum(o for _, o in dims.values()) * n  # one block's linear outputs
+        kept = {"nothing_saveable": 0, "save_linears": linears, "offload_linears": linears}[remat_policy]
+        host = kept if remat_policy == "offload_linears" and backend == "gpu" else 0
         return {
-            "saved": c * d * n * layers,
+            "saved": (c * d * n + kept - host) * layers,
             "dropout": dropout,
-            "working": max(head, per_token * n + chunk),
+            "working": max(head, max(per_token * n - kept + host, 0) + chunk),
             "dequantized": block_weights,
+            "offloaded": host * layers,
         }
     return {
         "saved": (per_token * n + block_weights) * layers,
         "dropout": dropout,
         "working": max(head, chunk),
         "dequantized": 0,
+        "offloaded": 0,
     }
 
 
@@ -284,7 +299,8 @@ class MemoryPlan:
 
     @property
     def activation_total(self) -> int:
-        return sum(self.activations.values())
+        """Device bytes of the activations (offloaded ones are host bytes)."""
+        return sum(v for k, v in self.activations.items() if k != "offloaded")
 
     @property
     def device_bytes(self) -> int:
@@ -302,7 +318,7 @@ class MemoryPlan:
 
     @property
     def host_bytes(self) -> int:
-        return self.optimizer_host
+        return self.optimizer_host + self.activations.get("offloaded", 0)
 
     @property
     def peak(self) -> int:
@@ -338,6 +354,7 @@ class MemoryPlan:
             ("activations: dropout", a["dropout"], "device", "estimate"),
             ("activations: working", a["working"], "device", "estimate: max(head, one block)"),
             ("activations: dequantized", a["dequantized"], "device", "one block's weights in compute dtype"),
+            ("activations: offloaded", a.get("offloaded", 0), "host", "estimate: linears' outputs (offload_linears)"),
             ("optimizer update extra", self.update_extra, "device", "paged moments fetched, beyond backward"),
             ("batch", self.batch_bytes, "device", "exact"),
         ]
@@ -403,6 +420,7 @@ def plan(
     paged: bool = True,
     remat: bool = True,
     *,
+    remat_policy: str = "nothing_saveable",
     accum_steps: int = 1,
     optimizer: str = "adamw",
     min_size: int = OptimizerConfig.paged_min_size,
@@ -427,7 +445,9 @@ def plan(
       mesh: ``{"data": d, "fsdp": f}`` (or ``"data=d,fsdp=f"``); ``batch`` must divide by
         ``d * f``.
       paged: optimizer state of ``>= min_size`` elements per leaf lives in host memory.
-      remat: ``nn.remat`` per decoder block (policy ``nothing_saveable``).
+      remat: ``nn.remat`` per decoder block.
+      remat_policy: what a rematerialized block keeps, in :data:`PLANNED_POLICIES`
+        (``config.train.remat_policy``; :data:`qlora_jax.nn.llama.REMAT_POLICIES`).
       accum_steps: micro-batches per step; the step's scan carries a gradient accumulator.
       optimizer: ``"adamw"`` or ``"adamw_8bit"`` (with ``paged``: the builder's ``paged_adamw``,
         ``paged_adamw_8bit``).
@@ -466,7 +486,7 @@ def plan(
     grads = adapters * (2 if accum_steps > 1 else 1)
     opt_device, opt_host = held["opt_state"].get("device", 0), held["opt_state"].get("pinned_host", 0)
     gathered = _block_bytes(layout.abstract.base) if fsdp > 1 else 0
-    acts = activation_bytes(model_config, lora, quant, batch // devices, seq_len, remat, dtype, backend)
+    acts = activation_bytes(model_config, lora, quant, batch // devices, seq_len, remat, dtype, backend, remat_policy)
     backward = sum(acts.values()) + gathered
     # the update runs after the backward pass: paged moments come to the device (all at once
     # with chunk_bytes=None, else the largest chunk) and new ones are written before going back.
@@ -510,6 +530,7 @@ def compiled_memory(
     paged: bool = False,
     min_size: int = OptimizerConfig.paged_min_size,
     dtype=jnp.bfloat16,
+    remat_policy: str = "nothing_saveable",
 ) -> dict[str, int]:
     """``memory_analysis()`` of the compiled train step for abstract inputs (nothing allocated).
 
@@ -522,7 +543,7 @@ def compiled_memory(
 
     opt = optimizer_config(optimizer, paged, min_size)
     layout = train_layout(cfg, quant, lora, optimizer=opt, remat=remat, dtype=dtype)
-    model = LlamaForCausalLM(cfg, lora=lora, quant=quant, dtype=dtype, remat=remat)
+    model = LlamaForCausalLM(cfg, lora=lora, quant=quant, dtype=dtype, remat=remat, remat_policy=remat_policy)
     host = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
 
     def place(x, kind):

@@ -94,11 +94,13 @@ def build_model(config):
     dtype = jnp.dtype(config.train.dtype)
     lora, quant = _lora_config(config), _quant_config(config)
     kw = dict(remat=config.train.remat, impl=kernels.for_device(jax.local_devices()[0]))
+    how = dict(remat_policy=config.train.remat_policy, attention=config.train.attention,
+               attention_chunk=config.train.attention_chunk)  # fmt: skip
     if config.model_path:
         model = pretrained_model(
             config.model_path, quant=quant, lora=lora, dtype=dtype, scan_layers=config.model.scan_layers, **kw
         )
-        return model, load_tokenizer(config.model_path)
+        return model.clone(**how), load_tokenizer(config.model_path)
     tok = ByteTokenizer()
     m = config.model
     cfg = LlamaConfig(
@@ -107,7 +109,9 @@ def build_model(config):
         num_key_value_heads=m.num_key_value_heads, max_position_embeddings=m.max_position_embeddings,
         bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
     )  # fmt: skip
-    return LlamaForCausalLM(cfg, lora=lora, quant=quant, dtype=dtype, scan_layers=config.model.scan_layers, **kw), tok
+    model = LlamaForCausalLM(cfg, lora=lora, quant=quant, dtype=dtype, scan_layers=config.model.scan_layers, **kw,
+                             **how)  # fmt: skip
+    return model, tok
 
 
 def _variables(config, model, layout: StateLayout, shardings: TrainTree) -> dict:

@@ -21,7 +21,7 @@ from qlora_jax.data.chat import TRAIN_ON
 from qlora_jax.data.jsonl import FORMATS
 from qlora_jax.data.synthetic import FAMILIES
 from qlora_jax.data.tokenizer import WHEEL_PREFIX
-from qlora_jax.nn.llama import ALL_LINEAR_NAMES
+from qlora_jax.nn.llama import ALL_LINEAR_NAMES, ATTENTION, REMAT_POLICIES
 from qlora_jax.parallel import MODES
 from qlora_jax.quant import blockwise, codebooks
 
@@ -44,6 +44,9 @@ RESUMABLE = (
     "mesh.*",
     "sharding.*",
     "train.remat",
+    "train.remat_policy",
+    "train.attention",  # chunked and reference agree to float rounding
+    "train.attention_chunk",
     "train.paged_min_size",
     "train.paged_chunk_bytes",
 )
@@ -184,6 +187,9 @@ RULES: dict[str, Callable] = {
     "train.trainable": _choice(("lora", "full")),
     "train.dtype": _choice(("bfloat16", "float32", "float16")),
     "train.remat": _bool,
+    "train.remat_policy": _choice(tuple(REMAT_POLICIES)),
+    "train.attention": _choice(ATTENTION),
+    "train.attention_chunk": _int(1, " (keys per step of chunked attention)"),
     "mesh.data": _mesh_axis,
     "mesh.fsdp": _mesh_axis,
     "sharding.params": _choice(MODES),

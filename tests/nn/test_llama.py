@@ -170,7 +170,7 @@ def test_remat_gives_the_same_loss_and_grads():
     def loss(model, p):
         return jnp.mean(model.apply({"params": p, "base": frozen}, ids) ** 2)
 
-    for policy in ("nothing_saveable", "dots_saveable"):
+    for policy in ("nothing_saveable", "save_linears", "offload_linears", "dots_saveable"):
         remat = _tiny(
             lora=LoRAConfig(rank=4, dropout=0.0),
             quant=QuantConfig(),

@@ -83,6 +83,9 @@ def test_an_unknown_variant_of_tiny_is_refused_naming_it():
         ("train__paged_chunk_bytes", -1, r"config.train.paged_chunk_bytes must be an integer >= 0"),
         ("train__steps", -1, r"config.train.steps must be an integer >= 0 \(0: evaluate only\); got -1"),
         ("train__dtype", "float64", r"config.train.dtype must be one of"),
+        ("train__remat_policy", "offload_all", r"config.train.remat_policy must be one of \('nothing_saveable', "),
+        ("train__attention", "flash", r"config.train.attention must be one of \('chunked', 'reference'\)"),
+        ("train__attention_chunk", 0, r"config.train.attention_chunk must be an integer >= 1 \(keys"),
         ("data__target_max_len", 0, r"config.data.target_max_len must be an integer >= 1"),
         ("data__families", ("add", "mul"), r"config.data.families names \['mul'\]"),
         ("data__num_eval", 0, r"config.data.num_eval must be an integer >= 1"),
@@ -127,3 +130,15 @@ def test_resume_may_change_bookkeeping_only():
         ("seed", 0, 3),
     ]
     assert changed_keys(json.loads(old.to_json()), old) == []  # tuples read back as lists compare equal
+
+
+def test_the_models_checkpointing_and_attention_are_the_configs():
+    from qlora_jax.train.train_lib import build_model
+
+    c = _config(train__remat=True, train__remat_policy="save_linears", train__attention="reference",
+                train__attention_chunk=64)  # fmt: skip
+    validate_config(c)
+    model, _ = build_model(c)
+    assert (model.remat, model.remat_policy, model.attention, model.attention_chunk) == (
+        True, "save_linears", "reference", 64,
+    )  # fmt: skip
