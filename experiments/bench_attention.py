@@ -4,11 +4,13 @@ r"""Activation memory and step time of chunked attention against the whole-matri
     python -m experiments.bench_attention --seqs=512,2048 --heads=32 --head_dim=128 --hidden=4096
 
 For each sequence length, the gradient step of a QLoRA model (NF4+DQ, LoRA r=16 on all seven
-linears, bf16, layers scanned as trained) is compiled with ``attention="chunked"`` and with
-``"reference"``; printed: XLA's temporary bytes (``memory_analysis``, nothing allocated), the
-planner's activation estimate for the chunked one (:func:`qlora_jax.train.memory.activation_bytes`),
-their ratios, and on a GPU each step's device time (CUPTI, L2 flushed; ``experiments/timing.py``)
-with the ratio chunked / reference. The reference's memory grows with S², the chunked one's with S.
+linears, bf16, layers scanned as trained) is compiled with ``attention="chunked"``, with
+``"reference"`` and with ``"dot_product"`` (``jax.nn.dot_product_attention``: cuDNN flash
+attention on a GPU where cuDNN takes the call, XLA's whole matrix on a CPU); printed: XLA's
+temporary bytes (``memory_analysis``, nothing allocated), the planner's activation estimate for
+the chunked one (:func:`qlora_jax.train.memory.activation_bytes`), their ratios, and on a GPU each
+step's device time (CUPTI, L2 flushed; ``experiments/timing.py``) with the ratios to the
+reference's. The reference's memory grows with S², the chunked one's with S.
 """
 
 from __future__ import annotations
@@ -64,22 +66,26 @@ def main(argv):
     del argv
     print(f"backend {jax.default_backend()}; 1 x S tokens, hidden {_HIDDEN.value}, {_HEADS.value} heads x "
           f"{_HEAD_DIM.value}, {_LAYERS.value} block(s)")  # fmt: skip
-    print(f"{'S':>6} {'reference MiB':>14} {'chunked MiB':>12} {'chunked/ref':>11} {'planner MiB':>12} "
-          f"{'planner/chunked':>15} {'ref ms':>8} {'chunked ms':>10} {'time ratio':>10}")  # fmt: skip
+    print(f"{'S':>6} {'reference MiB':>14} {'chunked MiB':>12} {'dot_product MiB':>15} {'chunked/ref':>11} "
+          f"{'planner MiB':>12} {'planner/chunked':>15} {'ref ms':>8} {'chunked ms':>10} {'dot_product ms':>14} "
+          f"{'chunked/ref':>11} {'dot_product/ref':>15}")  # fmt: skip
     for seq in (int(s) for s in _SEQS.value):
         cfg = _config(seq)
-        g_ref, m_ref, ref = _step(cfg, "reference", seq)
-        g_chk, m_chk, chk = _step(cfg, "chunked", seq)
+        steps = {name: _step(cfg, name, seq) for name in ("reference", "chunked", "dot_product")}
+        mib = {name: temp / 2**20 for name, (_, _, temp) in steps.items()}
         backend = "cpu" if jax.default_backend() == "cpu" else "gpu"
         acts = memory.activation_bytes(cfg, LoRAConfig(rank=16), QuantConfig(), 1, seq, False, backend=backend)
-        est = sum(acts.values())
-        t_ref, t_chk = _device_seconds(g_ref, m_ref, seq), _device_seconds(g_chk, m_chk, seq)
-        if t_ref:
-            times = f"{t_ref * 1e3:8.2f} {t_chk * 1e3:10.2f} {t_chk / t_ref:10.2f}"
+        est = sum(acts.values()) / 2**20
+        ms = {name: _device_seconds(grad, model, seq) for name, (grad, model, _) in steps.items()}
+        if ms["reference"]:
+            ref = ms["reference"]
+            times = (f"{ref * 1e3:8.2f} {ms['chunked'] * 1e3:10.2f} {ms['dot_product'] * 1e3:14.2f} "
+                     f"{ms['chunked'] / ref:11.2f} {ms['dot_product'] / ref:15.2f}")  # fmt: skip
         else:
-            times = f"{'n/a':>8} {'n/a':>10} {'':>10}"
-        print(f"{seq:6d} {ref / 2**20:14.1f} {chk / 2**20:12.1f} {chk / ref:11.3f} {est / 2**20:12.1f} "
-              f"{est / chk:15.2f} {times}")  # fmt: skip
+            times = f"{'n/a':>8} {'n/a':>10} {'n/a':>14}"
+        ratio = mib["chunked"] / mib["reference"]
+        print(f"{seq:6d} {mib['reference']:14.1f} {mib['chunked']:12.1f} {mib['dot_product']:15.1f} "
+              f"{ratio:11.3f} {est:12.1f} {est / mib['chunked']:15.2f} {times}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -10,10 +10,11 @@
 #   3. experiments/bench_generate.py (decode tokens/s, NF4+DQ vs bf16, LLaMA-3-8B-shaped layers, batch 1 and 8);
 #   4. experiments/bench_train.py --shape=7b (QLoRA step vs bf16-LoRA step at LLaMA-7B layer shapes);
 #   5. experiments/bench_optim.py (paged / 8-bit AdamW step time, host<->device GB/s);
-#   6. experiments/bench_attention.py (chunked vs whole-matrix attention: step memory and device time);
+#   6. experiments/bench_attention.py (chunked vs whole-matrix vs jax.nn.dot_product_attention / cuDNN:
+#      step memory and device time);
 #   7. experiments/bench_remat.py (remat policies at LLaMA-7B block shapes: step memory, host bytes, time).
-# Prints a short summary table last; full logs go to $OUT (or /tmp/gpu_check). Budget: at most 9.6 min
-# (timeouts 130 + 180 + 60 + 60 + 40 + 60 + 45 s) plus the machine's start.
+# Prints a short summary table last; full logs go to $OUT (or /tmp/gpu_check). Budget: at most 9.8 min
+# (timeouts 130 + 180 + 60 + 60 + 40 + 75 + 45 s) plus the machine's start.
 # Usage (device tool): bash tools/gpu_check.sh
 # Dry run on a CPU (interpret mode, XLA path only): QLORA_JAX_INTERPRET=1 PY=.venv/bin/python bash tools/gpu_check.sh
 set -uo pipefail
@@ -47,7 +48,7 @@ timeout 60 $PY -m experiments.bench_train --shape=7b --seq=512 >"$OUT/bench_trai
 train_rc=$?
 timeout 40 $PY -m experiments.bench_optim >"$OUT/bench_optim.log" 2>&1
 optim_rc=$?
-timeout 60 $PY -m experiments.bench_attention --seqs=512,2048,8192 >"$OUT/bench_attention.log" 2>&1
+timeout 75 $PY -m experiments.bench_attention --seqs=2048,8192 >"$OUT/bench_attention.log" 2>&1
 attention_rc=$?
 timeout 45 $PY -m experiments.bench_remat --hidden=4096 --heads=32 --layers=4 --seq=512 --repeats=3 \
   >"$OUT/bench_remat.log" 2>&1

@@ -124,7 +124,9 @@ def get_config(arg: str | None = None):
     # memory, GPU) | dots_saveable | dots_with_no_batch_dims_saveable (qlora_jax.nn.llama.REMAT_POLICIES)
     c.train.remat_policy = "nothing_saveable"
     # attention in training and evaluation: chunked (keys attention_chunk at a time, memory O(S)) |
-    # reference (the whole [S, S] score matrix); decoding always attends to its cache directly
+    # reference (the whole [S, S] score matrix) | dot_product (jax.nn.dot_product_attention: cuDNN
+    # flash attention on a GPU, XLA's whole matrix on a CPU; no soft-capping); decoding always
+    # attends to its cache directly
     c.train.attention = "chunked"
     c.train.attention_chunk = 512
 

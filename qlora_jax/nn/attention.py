@@ -10,7 +10,9 @@ a sliding window that a traced per-layer flag switches (alternating layers under
 Gemma 2's score soft-capping and grouped-query heads.
 
 :func:`reference_attention` materialises the scores: the decode path (a few queries against the
-cache) and the tests' reference.
+cache) and the tests' reference. :func:`dot_product_attention` hands the same masked attention to
+``jax.nn.dot_product_attention``: cuDNN's fused flash attention on a GPU where cuDNN takes the
+call, XLA's whole-matrix attention otherwise (the CPU); no soft-capping.
 
 Shapes: ``q [B, S, Hkv, G, D]`` (``G`` query heads per key/value head), ``k``, ``v``
 ``[B, T, Hkv, D]``; positions, masks and segments ``[B, S]`` / ``[B, T]``.
@@ -50,6 +52,26 @@ def reference_attention(q, k, v, allowed, *, scale: float, cap: float | None = N
     s = jnp.where(allowed[:, None, None], _scores(q, k, scale, cap), _NEG)
     p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
     return jnp.einsum("bngst,btnd->bsngd", p, v, preferred_element_type=jnp.float32)
+
+
+def dot_product_attention(q, k, v, allowed, *, scale: float, implementation: str | None = None) -> Array:
+    """:func:`reference_attention` (no soft-cap) by ``jax.nn.dot_product_attention``: the mask
+    ``allowed [B, S, T]`` as its boolean ``mask``, the ``G`` query heads of each key/value head
+    adjacent as it groups them. ``implementation``: None (cuDNN where it takes the call, else
+    XLA), ``"xla"`` or ``"cudnn"``. float32 ``[B, S, Hkv, G, D]``.
+
+    A query with no key to attend to (a padding row) averages every value with equal weights, as
+    the reference's finite mask value makes it do (its query zeroed: equal scores), rather than
+    leaving the fused kernel a row with no key."""
+    b, s, n, g, d = q.shape
+    empty = ~allowed.any(-1)  # [B, S]
+    q = jnp.where(empty[:, :, None, None, None], jnp.zeros((), q.dtype), q)
+    allowed = allowed | empty[:, :, None]
+    out = jax.nn.dot_product_attention(
+        q.reshape(b, s, n * g, d), k, v.astype(q.dtype), mask=allowed[:, None], scale=scale,
+        implementation=implementation,
+    )  # fmt: skip
+    return out.reshape(b, s, n, g, d).astype(jnp.float32)
 
 
 def chunked_attention(

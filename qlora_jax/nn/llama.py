@@ -53,7 +53,8 @@ LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 # Phi-3 stores q/k/v as one linear and gate/up as another, and PEFT names them so
 FUSED_LINEAR_NAMES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 ALL_LINEAR_NAMES = tuple(dict.fromkeys(LINEAR_NAMES + FUSED_LINEAR_NAMES))  # of any family
-ATTENTION = ("chunked", "reference")  # qlora_jax.nn.attention's chunked_attention / reference_attention
+# qlora_jax.nn.attention's chunked_attention / reference_attention / dot_product_attention
+ATTENTION = ("chunked", "reference", "dot_product")
 ATTENTION_CHUNK = 512  # keys per step of chunked attention
 # what a rematerialized decoder block keeps for the backward pass (LlamaForCausalLM.remat_policy,
 # config.train.remat_policy): nothing_saveable keeps only each block's input and recomputes the
@@ -481,6 +482,9 @@ class Attention(nn.Module):
         if self.settings.decode or self.settings.attention == "reference":  # decode: a few queries, the cache
             allowed = attention.allowed_keys(q_pos, k_pos, key_mask, segment_ids, segment_ids, sliding, window)
             out = attention.reference_attention(qg, k, v, allowed, scale=scale, cap=cap)
+        elif self.settings.attention == "dot_product":  # cuDNN flash attention on a GPU
+            allowed = attention.allowed_keys(q_pos, k_pos, key_mask, segment_ids, segment_ids, sliding, window)
+            out = attention.dot_product_attention(qg, k, v, allowed, scale=scale)
         else:  # memory O(S), not O(S^2): keys in chunks (qlora_jax.nn.attention)
             out = attention.chunked_attention(
                 qg, k, v, q_pos, k_pos, key_mask, segment_ids, segment_ids, sliding, window=window, scale=scale,
@@ -551,8 +555,10 @@ class LlamaForCausalLM(nn.Module):
         device's table when traced.
       decode: KV-cache mode (see :func:`init_cache` and :func:`qlora_jax.nn.generate`).
       attention: ``"chunked"`` (keys ``attention_chunk`` at a time with an online softmax: memory
-        ``O(S)``; :func:`qlora_jax.nn.attention.chunked_attention`) or ``"reference"`` (the whole
-        ``[S, S]`` score matrix). Decoding always uses the reference against the cache.
+        ``O(S)``; :func:`qlora_jax.nn.attention.chunked_attention`), ``"reference"`` (the whole
+        ``[S, S]`` score matrix) or ``"dot_product"`` (``jax.nn.dot_product_attention``: cuDNN flash
+        attention on a GPU where cuDNN takes it, else XLA's whole matrix; no soft-capping). Decoding
+        always uses the reference against the cache.
       scan_layers: run the decoder blocks under ``nn.scan`` (variables under ``"layers"`` with a
         leading ``[L]`` axis), so compile time does not grow with depth; False unrolls them
         (``layers_{i}``), which per-layer storage choices need (:func:`check_scannable`).
@@ -605,6 +611,10 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"attention must be one of {ATTENTION}; got {self.attention!r}")
         if self.attention_chunk < 1:
             raise ValueError(f"attention_chunk must be a positive number of keys; got {self.attention_chunk}")
+        if self.attention == "dot_product" and cfg.attn_logit_softcapping is not None:
+            raise ValueError(f"attention='dot_product' (jax.nn.dot_product_attention) cannot soft-cap scores; this "
+                             f"{cfg.model_type} model has attn_logit_softcapping={cfg.attn_logit_softcapping}: use "
+                             "'chunked'")  # fmt: skip
         settings = ModelSettings(
             cfg, self.lora, self.quant, self.dtype, self.impl, self.decode, self.attention, self.attention_chunk
         )

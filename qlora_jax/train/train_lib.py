@@ -307,6 +307,12 @@ def setup(config, mesh) -> Setup:
             f"{model.config.model_type} model (config.model_path={config.model_path}); its linears: "
             f"{','.join(model.config.linear_names)}"
         )  # fmt: skip
+    if model.attention == "dot_product" and model.config.attn_logit_softcapping is not None:
+        raise ConfigError(
+            "train.attention", f"='dot_product' cannot soft-cap attention scores, which this "
+            f"{model.config.model_type} model does (attn_logit_softcapping={model.config.attn_logit_softcapping}); "
+            "use 'chunked'"
+        )  # fmt: skip
     if config.export.gguf and model.config.model_type not in gguf.EXPORTABLE:  # refused now, not after training
         raise ConfigError(
             "export.gguf", f"={config.export.gguf!r}: the GGUF writer covers {gguf.EXPORTABLE}, not this model's "

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from qlora_jax.nn import LlamaConfig, LlamaForCausalLM, LoRAConfig, QuantConfig
-from qlora_jax.nn.attention import allowed_keys, chunked_attention, reference_attention
+from qlora_jax.nn.attention import allowed_keys, chunked_attention, dot_product_attention, reference_attention
 
 B, S, N, G, D = 2, 37, 2, 3, 8  # 37 keys: not a multiple of the chunk of 8
 CASES = {  # (soft-cap, window, sliding, packed)
@@ -53,6 +53,47 @@ def test_chunked_attention_equals_the_reference_with_its_gradients(case):
     grads = jax.grad(lambda *x: jnp.sum(chunked(*x) * w), argnums=(0, 1, 2))(q, k, v)
     for name, x, y in zip("qkv", grads_ref, grads, strict=True):
         assert float(jnp.abs(x - y).max()) <= 1e-5 * float(jnp.abs(x).max()), name
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if CASES[c][0] is None])  # it has no soft-cap
+def test_jax_dot_product_attention_equals_the_reference_with_its_gradients(case):
+    """jax.nn.dot_product_attention (XLA here, cuDNN on a GPU) on the same masks and grouped heads."""
+    _, window, sliding, packed = CASES[case]
+    q, k, v, key_mask, seg, pos, rng = _inputs()
+    qs = seg if packed else None
+    # and five query rows with no key at all (the reference attends to every key there)
+    allowed = allowed_keys(pos, pos, key_mask, qs, qs, sliding, window).at[1, :5].set(False)
+
+    def ref(q, k, v):
+        return reference_attention(q, k, v, allowed, scale=0.3)
+
+    def fused(q, k, v):
+        return dot_product_attention(q, k, v, allowed, scale=0.3, implementation="xla")
+
+    a, b = ref(q, k, v), fused(q, k, v)
+    assert float(jnp.abs(a - b).max()) <= 1e-5 * float(jnp.abs(a).max())
+    w = jnp.asarray(rng.standard_normal(a.shape), jnp.float32)
+    grads_ref = jax.grad(lambda *x: jnp.sum(ref(*x) * w), argnums=(0, 1, 2))(q, k, v)
+    grads = jax.grad(lambda *x: jnp.sum(fused(*x) * w), argnums=(0, 1, 2))(q, k, v)
+    for name, x, y in zip("qkv", grads_ref, grads, strict=True):
+        assert float(jnp.abs(x - y).max()) <= 1e-5 * float(jnp.abs(x).max()), name
+
+
+def test_a_model_with_dot_product_attention_gives_the_chunked_ones_logits_and_refuses_soft_caps():
+    from hf_fixtures import HF, reference
+
+    from qlora_jax.checkpoints import load_pretrained
+
+    for name in ("gemma3_text", "mistral"):  # sliding + global layers, GQA; every layer sliding
+        ref = reference(name)
+        model, v = load_pretrained(HF / name, quant=None, dtype=jnp.float32, progress=False)
+        args = (ref["input_ids"], ref["attention_mask"], ref["position_ids"])
+        real = ref["attention_mask"].astype(bool)
+        logits = np.asarray(model.clone(attention="dot_product").apply(v, *args))
+        assert np.abs(logits - ref["logits"])[real].max() <= 1e-4, name
+    model, v = load_pretrained(HF / "gemma2", quant=None, dtype=jnp.float32, progress=False)
+    with pytest.raises(ValueError, match=r"cannot soft-cap scores; this gemma2 model has attn_logit_softcapping=0\.5"):
+        model.clone(attention="dot_product").apply(v, ref["input_ids"])
 
 
 def _step_temp_bytes(attention: str, seq_len: int) -> int:

@@ -224,18 +224,32 @@ def test_a_peft_adapter_on_phi3s_fused_linears_gives_pefts_logits_and_exports_to
     assert sorted(cfg["target_modules"]) == sorted(peft_cfg["target_modules"]) and cfg["r"] == peft_cfg["r"]
 
 
-def test_llamas_lora_targets_on_phi3_are_refused_naming_the_config_key(tmp_path):
-    from finetune_cli import run
-
+def _byte_checkpoint(root, name: str):
+    """A random checkpoint of fixture ``name``'s architecture with the byte tokenizer, for the CLI."""
     from qlora_jax.data import ByteTokenizer
     from qlora_jax.nn import LlamaForCausalLM
 
     tok = ByteTokenizer()
-    cfg = dataclasses.replace(read_config(HF / "phi3")[0], vocab_size=tok.vocab_size)
+    cfg = dataclasses.replace(read_config(HF / name)[0], vocab_size=tok.vocab_size)
     base = LlamaForCausalLM(cfg, dtype=jnp.float32).init(jax.random.key(0), jnp.ones((1, 4), jnp.int32))["base"]
-    export_hf(tmp_path / "phi3", cfg, base)
-    tok.save(tmp_path / "phi3")
-    refused = run(tmp_path / "run", f"--config.model_path={tmp_path / 'phi3'}", check=False)
+    export_hf(root / name, cfg, base)
+    tok.save(root / name)
+    return root / name
+
+
+def test_llamas_lora_targets_on_phi3_are_refused_naming_the_config_key(tmp_path):
+    from finetune_cli import run
+
+    refused = run(tmp_path / "run", f"--config.model_path={_byte_checkpoint(tmp_path, 'phi3')}", check=False)
     assert refused.returncode != 0
     assert "config.lora.targets=" in refused.stderr
     assert "its linears: qkv_proj,o_proj,gate_up_proj,down_proj" in refused.stderr
+
+
+def test_dot_product_attention_on_a_soft_capped_model_is_refused_naming_the_config_key(tmp_path):
+    from finetune_cli import run
+
+    model = f"--config.model_path={_byte_checkpoint(tmp_path, 'gemma2')}"
+    refused = run(tmp_path / "run", model, "--config.train.attention=dot_product", check=False)
+    assert refused.returncode != 0
+    assert "config.train.attention='dot_product' cannot soft-cap" in refused.stderr

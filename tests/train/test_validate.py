@@ -84,7 +84,7 @@ def test_an_unknown_variant_of_tiny_is_refused_naming_it():
         ("train__steps", -1, r"config.train.steps must be an integer >= 0 \(0: evaluate only\); got -1"),
         ("train__dtype", "float64", r"config.train.dtype must be one of"),
         ("train__remat_policy", "offload_all", r"config.train.remat_policy must be one of \('nothing_saveable', "),
-        ("train__attention", "flash", r"config.train.attention must be one of \('chunked', 'reference'\)"),
+        ("train__attention", "flash", r"config.train.attention must be one of \('chunked', 'reference', 'dot_"),
         ("train__attention_chunk", 0, r"config.train.attention_chunk must be an integer >= 1 \(keys"),
         ("data__target_max_len", 0, r"config.data.target_max_len must be an integer >= 1"),
         ("data__families", ("add", "mul"), r"config.data.families names \['mul'\]"),
