@@ -129,6 +129,12 @@ def get_config(arg: str | None = None):
     # attends to its cache directly
     c.train.attention = "chunked"
     c.train.attention_chunk = 512
+    # mixture-of-experts models (Mixtral, Qwen-MoE): the router's load-balancing loss is added with
+    # this weight (0: off, as transformers without output_router_logits; Mixtral's configs say 0.02,
+    # Qwen's 0.001), and how tokens reach their experts: sorted (grouped matmul over the N·k
+    # token-expert pairs) | dense (every expert on every token, weighted; qlora_jax.nn.moe)
+    c.train.router_aux_loss_coef = 0.0
+    c.train.moe_dispatch = "sorted"
 
     # Scale-out: a Mesh of data x fsdp over all devices (every host); -1 = the devices left over.
     # The batch is split over both axes; the frozen base is split over fsdp (block-aligned rows).

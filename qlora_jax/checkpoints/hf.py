@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +38,7 @@ from tqdm.auto import tqdm
 
 from qlora_jax import parallel, quant
 from qlora_jax.checkpoints import shards
-from qlora_jax.nn.llama import LlamaConfig, LlamaForCausalLM, layer_specific_storage, unstack_layers
+from qlora_jax.nn.llama import LlamaConfig, LlamaForCausalLM, layer_specific_storage, unstack_experts, unstack_layers
 from qlora_jax.nn.lora import (
     LORA_LEAVES,
     LoRAConfig,
@@ -143,7 +144,8 @@ def read_config(path) -> tuple[LlamaConfig, dict]:
 _ARCHITECTURES = {
     "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
-    "gemma3_text": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM", "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
 }  # fmt: skip
 
 
@@ -180,8 +182,19 @@ def config_to_hf(config: LlamaConfig, dtype: str = "float32") -> dict:
         out["query_pre_attn_scalar"] = config.query_pre_attn_scalar or config.dim_head
         out["attn_logit_softcapping"] = config.attn_logit_softcapping
         out["final_logit_softcapping"] = config.final_logit_softcapping
-    if config.model_type in ("qwen2", "qwen3"):
+    if config.model_type in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
         out["use_sliding_window"] = config.sliding_window is not None
+    if config.num_experts:
+        out["num_local_experts" if config.model_type == "mixtral" else "num_experts"] = config.num_experts
+        out["num_experts_per_tok"] = config.num_experts_per_tok
+        out["router_aux_loss_coef"] = config.router_aux_loss_coef
+        if config.model_type != "mixtral":
+            out["moe_intermediate_size"] = config.moe_hidden_size
+            out["norm_topk_prob"] = config.norm_topk_prob
+            out["decoder_sparse_step"], out["mlp_only_layers"] = 1, []
+        if config.model_type == "qwen2_moe":
+            out["shared_expert_intermediate_size"] = config.shared_expert_intermediate_size
+            out["qkv_bias"] = config.qkv_bias
     if config.sliding_window is not None:
         out["sliding_window"] = config.sliding_window
     if config.layer_types is not None:  # Mistral's window covers every layer, without layer_types
@@ -218,7 +231,7 @@ def bnb_quant_config(raw: dict) -> QuantConfig | None:
     )
 
 
-_PROBE_LINEAR = "model.layers.0.mlp.down_proj.weight"  # a linear of every family
+_PROBE_LINEAR = "model.layers.0.self_attn.o_proj.weight"  # a linear of every family
 
 
 def weight_dtype(tensors, prequant: bool) -> str:
@@ -247,6 +260,8 @@ def _model_for(root, config, prequant, quant, lora, dtype, remat, impl, scan_lay
                 f"it loads as stored, so quant={quant} cannot apply: pass quant=None"
             )
     storage = prequant or quant
+    if prequant is not None and quant is not None and quant.skip_modules:  # for what the file stores unquantized
+        storage = dataclasses.replace(prequant, skip_modules=prequant.skip_modules + quant.skip_modules)
     if storage is not None:  # the abstract base records the dtype the load's tensors will
         storage = dataclasses.replace(storage, weight_dtype=weight_dtype(tensors, prequant is not None))
     if scan_layers and (linear := layer_specific_storage(config, storage)) is not None:
@@ -381,6 +396,23 @@ def _check_bnb_finite(qt: quant.QuantizedTensor, name: str, where: str) -> None:
             _check_finite(value, f"{name}.{field}", where)
 
 
+def _is_expert_leaf(path: tuple[str, ...]) -> bool:
+    """Whether a base path is a MoE expert linear's (``...experts.gate_proj.kernel``: ``[E, ...]``)."""
+    return len(path) >= 3 and path[-3] == "experts"
+
+
+def _num_experts(leaf) -> int:
+    return int((leaf.packed if quant.is_quantized(leaf) else leaf).shape[0])
+
+
+def expert_tensor_names(path: tuple[str, ...], num_experts: int) -> list[str]:
+    """An expert linear's base path (unrolled layers) -> its checkpoint tensors, one per expert:
+    ``model.layers.0.mlp.experts.{e}.gate_proj.weight`` (Mixtral: ``block_sparse_moe.experts.{e}.w1``),
+    transformers' format on disk (it fuses them into ``[E, 2I, D]`` only in memory)."""
+    *modules, linear, leaf = path
+    return [hf_tensor_name((*modules, str(e), linear, leaf)) for e in range(num_experts)]
+
+
 def _storage(qt: quant.QuantizedTensor) -> str:
     dq = f"double quant {qt.nested_block_size}" if qt.double_quant else "no double quant"
     return f"{qt.quant_type} blocks of {qt.block_size}, {dq}"
@@ -424,15 +456,15 @@ def _load_frozen(
     flat_stacked = traverse_util.flatten_dict(abstract_base) if stack else {}
     used: set[str] = set()
     out = {}
-    for path, leaf in tqdm(flat.items(), desc=f"loading {root.name}", disable=not progress, unit="tensor"):
-        name = hf_tensor_name(path)
+    # transformers 5 + bitsandbytes store MoE experts (3-D parameters there, not nn.Linear) unquantized
+    stored_4bit = {k.split(".quant_state.")[0] for k in tensors.files if ".quant_state." in k} if prequant else set()
+
+    def read(name, leaf, sharding, expert=False):
+        """One checkpoint tensor as ``leaf`` describes it, placed in ``sharding``."""
         expected = tuple(leaf.shape)
-        stacked = stack and path[0].startswith("layers_")
-        key = ("layers", *path[1:]) if stacked else path
-        sharding = _layer_sharding(flat_shardings[key]) if stacked else flat_shardings[key]
         if name not in tensors:
             raise ValueError(f"{root}: checkpoint is missing tensor {name!r} (expected shape {list(expected)})")
-        if quant.is_quantized(leaf) and prequant:
+        if quant.is_quantized(leaf) and prequant and (name in stored_4bit or not expert):
             keys = [name] + [
                 k for k in tensors.files
                 if k.startswith(name + ".") and (k.rsplit(".", 1)[-1] in _BNB_SUFFIXES or ".quant_state." in k)
@@ -456,11 +488,14 @@ def _load_frozen(
         else:
             got = tensors.shape(name)
             if tuple(got) == expected:
-                if quant.is_quantized(leaf):
+                if quant.is_quantized(leaf):  # (also a bitsandbytes checkpoint's unquantized experts)
                     array = shards.read_placed(tensors, name, expected, shards.row_sharding(sharding))
                     if check_finite:
                         _check_finite(array, name, tensors.where(name))
-                    value = shards.quantize_placed(array, storage.for_module(name), sharding)
+                    # as the abstract model stores it (QuantConfig.for_module chose per linear)
+                    value = shards.quantize_placed(
+                        array, dataclasses.replace(storage, double_quant=leaf.double_quant), sharding
+                    )
                     if errors is not None:
                         errors[name] = quant.measure_error(array, value)
                     del array  # the full-precision rows go as soon as they are quantized
@@ -474,6 +509,19 @@ def _load_frozen(
                 f"{root}: tensor {name!r} has shape {list(got)}; the config implies {list(expected)} "
                 f"(read from {tensors.where(name)})"
             )
+        return value
+
+    for path, leaf in tqdm(flat.items(), desc=f"loading {root.name}", disable=not progress, unit="tensor"):
+        stacked = stack and path[0].startswith("layers_")
+        key = ("layers", *path[1:]) if stacked else path
+        sharding = _layer_sharding(flat_shardings[key]) if stacked else flat_shardings[key]
+        if _is_expert_leaf(path):  # [E, ...]: one checkpoint tensor per expert, stacked as they come
+            one = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), leaf)
+            value = shards.empty_stack(leaf, sharding)
+            for e, name in enumerate(expert_tensor_names(path, _num_experts(leaf))):
+                value = shards.set_layer(value, read(name, one, _layer_sharding(sharding), expert=True), e, sharding)
+        else:
+            value = read(hf_tensor_name(path), leaf, sharding)
         if stacked:
             if jax.tree.structure(value) != jax.tree.structure(leaf):
                 raise ValueError(
@@ -509,7 +557,8 @@ def report_quantization_outliers(errors: dict[str, dict], ratio: float = QUANT_E
     median = float(np.median([v["block_rel_mse"] for v in finite.values()]))
     flagged = [k for k, v in finite.items() if v["block_rel_mse"] > ratio * median]
     for name in flagged:
-        e, module = finite[name], name.removesuffix(".weight")
+        # a MoE layer's experts share one storage per linear (qlora_jax.nn.moe.ExpertLinear): the remedy names it
+        e, module = finite[name], re.sub(r"\.experts\.\d+\.", ".experts.", name.removesuffix(".weight"))
         remedy = f"keep it in 16 bits (config.quant.skip_modules=({module!r},))"
         if e["block_rel_mse_exact_absmax"] <= ratio * median:  # the codes are fine; DQ's absmax is not
             remedy = (
@@ -541,7 +590,10 @@ def save_pretrained_4bit(path, config_raw: dict, frozen: dict, compute_dtype: st
     """Write ``frozen`` as a transformers + bitsandbytes 4-bit checkpoint (config.json + model.safetensors).
 
     Quantized linears are written in bitsandbytes' serialized form (``weight``, ``.absmax``,
-    ``.quant_map``, ``.nested_*``, ``.quant_state.bitsandbytes__*``); the rest as stored.
+    ``.quant_map``, ``.nested_*``, ``.quant_state.bitsandbytes__*``); the rest as stored. MoE
+    experts are written dequantized (in the dtype they were quantized from), as transformers 5 +
+    bitsandbytes write them: its experts are 3-D parameters, not ``nn.Linear``, and it refuses
+    4-bit ones; :func:`load_pretrained` quantizes them again as it loads.
     ``config_raw`` is the source config.json dict (``read_config``); its ``quantization_config``
     is set to match the tensors.
     """
@@ -550,9 +602,12 @@ def save_pretrained_4bit(path, config_raw: dict, frozen: dict, compute_dtype: st
     tensors: dict[str, np.ndarray] = {}
     kinds = set()
     skipped = []  # linears kept in 16 bits: bitsandbytes' llm_int8_skip_modules
-    for p, value in traverse_util.flatten_dict(unstack_layers(frozen)).items():
+    for p, value in traverse_util.flatten_dict(unstack_experts(unstack_layers(frozen))).items():
         name = hf_tensor_name(p)
-        if quant.is_quantized(value):
+        if "experts" in p:  # as transformers 5 + bitsandbytes store MoE experts: unquantized
+            w = quant.dequantize(value, value.dtype) if quant.is_quantized(value) else value
+            tensors[name] = np.asarray(jax.device_get(w))
+        elif quant.is_quantized(value):
             kinds.add((value.quant_type, value.double_quant, value.block_size))
             tensors.update(quant.to_bnb_state_dict(value, prefix=name))
         else:
@@ -586,9 +641,9 @@ def save_pretrained_4bit(path, config_raw: dict, frozen: dict, compute_dtype: st
 
 def hf_tensors(frozen: dict, dtype, params: dict | None = None, lora: LoRAConfig | None = None):
     """The frozen tree as transformers tensors (dequantized), optionally with adapters merged."""
-    flat_params = traverse_util.flatten_dict(unstack_layers(params)) if params is not None else {}
+    flat_params = traverse_util.flatten_dict(unstack_experts(unstack_layers(params))) if params is not None else {}
     out = {}
-    for p, v in traverse_util.flatten_dict(unstack_layers(frozen)).items():
+    for p, v in traverse_util.flatten_dict(unstack_experts(unstack_layers(frozen))).items():
         if p[-1] == "kernel" and p[0] != "lm_head" and (*p[:-1], "lora_a") in flat_params:
             a, b = flat_params[(*p[:-1], "lora_a")], flat_params[(*p[:-1], "lora_b")]
             w = merged_weight(v, a, b, lora.scale).astype(jnp.float32)
@@ -619,5 +674,7 @@ def export_quantized(path, config: LlamaConfig, frozen: dict, quant_config: Quan
         storage = quant_config.for_module(hf_module_name(p[:-1]))  # None: kept in 16 bits (skip_modules)
         return v if storage is None else storage.quantize(v, hf_tensor_name(p))
 
-    requantized = {p: requantize(p, v) for p, v in traverse_util.flatten_dict(unstack_layers(frozen)).items()}
+    requantized = {
+        p: requantize(p, v) for p, v in traverse_util.flatten_dict(unstack_experts(unstack_layers(frozen))).items()
+    }
     save_pretrained_4bit(path, config_to_hf(config), traverse_util.unflatten_dict(requantized))

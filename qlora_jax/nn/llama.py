@@ -40,22 +40,34 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
-from qlora_jax import parallel
-from qlora_jax.nn import attention
+from qlora_jax import parallel, quant
+from qlora_jax.nn import attention, moe
 from qlora_jax.nn.lora import LINEAR_OUTPUT, LoRAConfig, LoRADense, QuantConfig
 
 Array = jax.Array
-MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
+MODEL_TYPES = (
+    "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "mixtral", "qwen2_moe",
+    "qwen3_moe",
+)  # fmt: skip
+MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True)}
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Phi-3 stores q/k/v as one linear and gate/up as another, and PEFT names them so
 FUSED_LINEAR_NAMES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
-ALL_LINEAR_NAMES = tuple(dict.fromkeys(LINEAR_NAMES + FUSED_LINEAR_NAMES))  # of any family
+# Qwen2-MoE's shared expert is gated by a linear of one output; Mixtral's experts are w1, w2, w3
+SHARED_EXPERT_GATE = "shared_expert_gate"
+MIXTRAL_EXPERT_NAMES = ("w1", "w2", "w3")
+# of any family
+ALL_LINEAR_NAMES = tuple(
+    dict.fromkeys(LINEAR_NAMES + FUSED_LINEAR_NAMES + (SHARED_EXPERT_GATE,) + MIXTRAL_EXPERT_NAMES)
+)
 # qlora_jax.nn.attention's chunked_attention / reference_attention / dot_product_attention
 ATTENTION = ("chunked", "reference", "dot_product")
 ATTENTION_CHUNK = 512  # keys per step of chunked attention
+ROUTER_STATS = "router_stats"  # the "intermediates" entry a MoE model sows (qlora_jax.nn.moe.RouterStats)
 # what a rematerialized decoder block keeps for the backward pass (LlamaForCausalLM.remat_policy,
 # config.train.remat_policy): nothing_saveable keeps only each block's input and recomputes the
 # block; save_linears also keeps every linear's output (q/k/v/o, gate/up/down: the matmuls, not
@@ -89,6 +101,9 @@ _UNIMPLEMENTED = {
     "no_rope_layers": None,
     "resid_pdrop": 0.0,  # Phi-3's dropouts beside attention's
     "embd_pdrop": 0.0,
+    "router_jitter_noise": 0.0,  # Mixtral's multiplicative noise on the router's input in training
+    "decoder_sparse_step": 1,  # Qwen-MoE: dense MLPs between MoE layers (every layer MoE here)
+    "mlp_only_layers": [],
 }
 _GEMMA = ("gemma", "gemma2", "gemma3_text")
 
@@ -109,7 +124,12 @@ class LlamaConfig:
       global one, and the sliding layers' own rotary base (``local_rope_theta``);
     * Phi-3: LLaMA with q/k/v in one linear ``qkv_proj`` (rows: queries, keys, values) and gate/up
       in one ``gate_up_proj`` (rows: gate, up) (``fused_projections``), every layer sliding when a
-      window is set (Mistral's rule).
+      window is set (Mistral's rule);
+    * Mixtral, Qwen2-MoE, Qwen3-MoE: the MLP is a mixture of ``num_experts`` SwiGLU experts of
+      ``moe_intermediate_size``, ``num_experts_per_tok`` of them per token (:mod:`qlora_jax.nn.moe`);
+      the router's top-k probabilities renormalized when ``norm_topk_prob`` (always for Mixtral);
+      Qwen2-MoE adds a shared expert of ``shared_expert_intermediate_size`` gated by a sigmoid, and
+      q/k/v bias; Qwen3-MoE is Qwen3's attention (q/k norm) with experts.
     """
 
     vocab_size: int = 256
@@ -139,6 +159,12 @@ class LlamaConfig:
     final_logit_softcapping: float | None = None
     local_rope_theta: float | None = None  # sliding layers' rotary base (Gemma 3); None: rope_theta
     fused_projections: bool = False  # Phi-3's qkv_proj and gate_up_proj
+    num_experts: int = 0  # 0: a dense MLP
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: int | None = None  # each expert's hidden size; None: intermediate_size
+    norm_topk_prob: bool = True
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's shared expert (0: none)
+    router_aux_loss_coef: float = 0.0  # the load-balancing loss's weight in training
     model_type: str = "llama"
     bos_token_id: int | None = 1
     eos_token_id: int | tuple[int, ...] | None = 2
@@ -169,6 +195,11 @@ class LlamaConfig:
                 )
             if "sliding_attention" in self.layer_types and not self.sliding_window:
                 raise ValueError("layer_types has sliding_attention layers but sliding_window is not set")
+        if self.num_experts and not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok must be in 1..num_experts ({self.num_experts}); got "
+                             f"{self.num_experts_per_tok}")  # fmt: skip
+        if self.num_experts and self.fused_projections:
+            raise ValueError("experts with fused projections are not implemented")
 
     @property
     def dim_head(self) -> int:
@@ -180,8 +211,27 @@ class LlamaConfig:
 
     @property
     def linear_names(self) -> tuple[str, ...]:
-        """The linears of a block, attention's then the MLP's, as checkpoints and PEFT name them."""
-        return FUSED_LINEAR_NAMES if self.fused_projections else LINEAR_NAMES
+        """The linears of a block, attention's then the MLP's, as checkpoints and PEFT name them
+        (a MoE block's gate/up/down are every expert's, and its shared expert's)."""
+        if self.fused_projections:
+            return FUSED_LINEAR_NAMES
+        if self.model_type == "mixtral":  # its experts' w1 (gate), w2 (down), w3 (up), as PEFT targets them
+            return LINEAR_NAMES[:4] + MIXTRAL_EXPERT_NAMES
+        return LINEAR_NAMES + ((SHARED_EXPERT_GATE,) if self.shared_expert_intermediate_size else ())
+
+    @property
+    def mlp_module(self) -> str:
+        """The MLP's module name in checkpoints: Mixtral's MoE is ``block_sparse_moe``."""
+        return "block_sparse_moe" if self.model_type == "mixtral" else "mlp"
+
+    @property
+    def expert_names(self) -> tuple[str, str, str]:
+        """An expert's (gate, up, down) linears, as checkpoints name them."""
+        return ("w1", "w3", "w2") if self.model_type == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+
+    @property
+    def moe_hidden_size(self) -> int:
+        return self.moe_intermediate_size or self.intermediate_size
 
     def linear_dims(self) -> dict[str, tuple[int, int]]:
         """``{name: (in, out)}`` of a block's linears."""
@@ -190,7 +240,10 @@ class LlamaConfig:
         if self.fused_projections:
             return {"qkv_proj": (d, q + 2 * kv), "o_proj": (q, d), "gate_up_proj": (d, 2 * f), "down_proj": (f, d)}
         attn = {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d)}
-        return attn | {"gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}
+        if self.num_experts:  # one expert's
+            f = self.moe_hidden_size
+        gate, up, down = self.expert_names
+        return attn | {gate: (d, f), up: (d, f), down: (f, d)}
 
     @property
     def sliding_layers(self) -> tuple[bool, ...]:
@@ -261,8 +314,25 @@ class LlamaConfig:
         if scaling.get("rope_type", "linear") not in ("linear", "llama3"):  # e.g. Phi-3 128k's longrope
             raise ValueError(f"{source}: rope scaling type {scaling['rope_type']!r} is not supported "
                              "(default, linear, llama3)")  # fmt: skip
+        if model_type in ("qwen2_moe", "qwen3_moe") and d.get("use_sliding_window"):  # each has its own layer rule
+            raise ValueError(f"{source}: use_sliding_window=True is not implemented for {model_type} (False is)")
         sliding, layer_types = _attention_layout(d, model_type)
         eos = d.get("eos_token_id", 2)
+        moe = {}
+        if model_type in MOE_TYPES:  # Mixtral names its expert count num_local_experts, Qwen num_experts
+            experts = d.get("num_local_experts") if model_type == "mixtral" else d.get("num_experts")
+            experts = experts or d.get("num_local_experts")
+            if not experts or "num_experts_per_tok" not in d:
+                raise ValueError(f"{source}: a {model_type} config needs the expert count and num_experts_per_tok")
+            moe = dict(
+                num_experts=int(experts),
+                num_experts_per_tok=int(d["num_experts_per_tok"]),
+                moe_intermediate_size=d.get("moe_intermediate_size") if model_type != "mixtral" else None,
+                norm_topk_prob=True if model_type == "mixtral" else bool(d.get("norm_topk_prob", False)),
+                shared_expert_intermediate_size=int(d.get("shared_expert_intermediate_size") or 0)
+                if model_type == "qwen2_moe" else 0,
+                router_aux_loss_coef=float(d.get("router_aux_loss_coef", 0.001)),
+            )  # fmt: skip
         return cls(
             vocab_size=d["vocab_size"],
             hidden_size=d["hidden_size"],
@@ -277,12 +347,12 @@ class LlamaConfig:
             max_position_embeddings=d.get("max_position_embeddings", 2048),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", gemma)),
             attention_bias=bool(d.get("attention_bias", False)),
-            qkv_bias=model_type == "qwen2",
+            qkv_bias=model_type == "qwen2" or (model_type == "qwen2_moe" and bool(d.get("qkv_bias", True))),
             mlp_bias=bool(d.get("mlp_bias", False)),
             sliding_window=sliding,
             layer_types=layer_types,
             hidden_act=act,
-            qk_norm=model_type in ("qwen3", "gemma3_text"),
+            qk_norm=model_type in ("qwen3", "gemma3_text", "qwen3_moe"),
             norm_unit_offset=gemma,
             embed_scale=gemma,
             sandwich_norms=model_type in ("gemma2", "gemma3_text"),
@@ -295,6 +365,7 @@ class LlamaConfig:
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
             pad_token_id=d.get("pad_token_id"),
+            **moe,
         )
 
 
@@ -303,6 +374,8 @@ def _attention_layout(d: dict, model_type: str) -> tuple[int | None, tuple[str, 
     ``layer_types`` when the config has it (transformers 5), else the family's rule."""
     n = d["num_hidden_layers"]
     window = d.get("sliding_window")
+    if model_type in ("qwen2_moe", "qwen3_moe"):  # from_hf refuses use_sliding_window
+        return None, None
     if model_type in ("qwen2", "qwen3"):  # a window only with use_sliding_window, from max_window_layers on
         window = window if d.get("use_sliding_window", False) else None
         default = ["sliding_attention" if window and i >= d.get("max_window_layers", 28) else "full_attention"
@@ -314,7 +387,7 @@ def _attention_layout(d: dict, model_type: str) -> tuple[int | None, tuple[str, 
         window = d.get("sliding_window", 4096)
         pattern = d.get("sliding_window_pattern", 6)
         default = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
-    elif model_type in ("mistral", "phi3"):  # every layer (transformers ignores layer_types)
+    elif model_type in ("mistral", "phi3", "mixtral"):  # every layer (transformers ignores layer_types)
         window = window if d.get("use_sliding_window", True) else None
         return window, None
     else:  # llama, gemma: no window
@@ -408,6 +481,7 @@ class ModelSettings:
     decode: bool = False
     attention: str = "chunked"  # in ATTENTION
     attention_chunk: int = ATTENTION_CHUNK
+    moe_dispatch: str = "sorted"  # in qlora_jax.nn.moe.MOE_DISPATCH
 
     def linear(self, name: str, features: int, bias: bool = False) -> LoRADense:
         """The ``name`` linear (``q_proj``, ...): an adapter when ``lora.targets`` names it."""
@@ -496,19 +570,46 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
     settings: ModelSettings
+    intermediate_size: int | None = None  # None: the config's (Qwen2-MoE's shared expert has its own)
 
     @nn.compact
     def __call__(self, x: Array, deterministic: bool) -> Array:
         cfg, dtype, linear = self.settings.config, self.settings.dtype, self.settings.linear
+        f = self.intermediate_size or cfg.intermediate_size
         if cfg.fused_projections:  # Phi-3: one linear, rows gate | up
-            gate, up = jnp.split(linear("gate_up_proj", 2 * cfg.intermediate_size, cfg.mlp_bias)(x, deterministic), 2,
-                                 axis=-1)  # fmt: skip
+            gate, up = jnp.split(linear("gate_up_proj", 2 * f, cfg.mlp_bias)(x, deterministic), 2, axis=-1)
         else:
-            gate = linear("gate_proj", cfg.intermediate_size, cfg.mlp_bias)(x, deterministic)
-            up = linear("up_proj", cfg.intermediate_size, cfg.mlp_bias)(x, deterministic)
+            gate = linear("gate_proj", f, cfg.mlp_bias)(x, deterministic)
+            up = linear("up_proj", f, cfg.mlp_bias)(x, deterministic)
         act = ACTIVATIONS[cfg.hidden_act]  # SwiGLU, or Gemma's GeGLU
         hidden = (act(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(dtype)
         return linear("down_proj", cfg.hidden_size, cfg.mlp_bias)(hidden, deterministic)
+
+
+class SparseMoE(nn.Module):
+    """Mixtral's / Qwen-MoE's MLP (:mod:`qlora_jax.nn.moe`): the router ``gate``, the ``experts``
+    and Qwen2-MoE's gated ``shared_expert``. ``__call__(x [B, S, D], mask [B, S])`` ->
+    ``(y [B, S, D], RouterStats)`` (``mask``: the tokens the load-balancing loss counts)."""
+
+    settings: ModelSettings
+
+    @nn.compact
+    def __call__(self, x: Array, mask: Array, deterministic: bool) -> tuple[Array, moe.RouterStats]:
+        s = self.settings
+        cfg, dtype = s.config, s.dtype
+        b, t, d = x.shape
+        tokens = x.reshape(b * t, d).astype(dtype)
+        logits = moe.Router(cfg.num_experts, dtype, name="gate")(tokens)  # [N, E]
+        weights, experts, probs = moe.route(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)
+        y = moe.Experts(
+            cfg.num_experts, cfg.moe_hidden_size, ACTIVATIONS[cfg.hidden_act], cfg.expert_names, s.lora, s.quant, dtype,
+            s.moe_dispatch, name="experts",
+        )(tokens, weights, experts, deterministic)  # fmt: skip
+        if cfg.shared_expert_intermediate_size:  # Qwen2-MoE: a dense expert for every token, sigmoid-gated
+            shared = MLP(s, cfg.shared_expert_intermediate_size, name="shared_expert")(tokens, deterministic)
+            gate = s.linear(SHARED_EXPERT_GATE, 1)(tokens, deterministic)
+            y = y + jax.nn.sigmoid(gate.astype(jnp.float32)) * shared.astype(jnp.float32)
+        return y.astype(dtype).reshape(b, t, d), moe.router_stats(probs, experts, mask.reshape(-1))
 
 
 class DecoderLayer(nn.Module):
@@ -524,16 +625,25 @@ class DecoderLayer(nn.Module):
         segment_ids: Array | None = None,
         sliding: Array | bool = False,
     ) -> Array:
+        """-> ``(x, RouterStats or None)``: a MoE layer's router statistics, else None."""
         cfg, dtype = self.settings.config, self.settings.dtype
         h = _norm(cfg, dtype, "input_layernorm")(x)
         h = Attention(self.settings, name="self_attn")(h, positions, key_mask, deterministic, segment_ids, sliding)
+        if cfg.num_experts:
+            x = x + h
+            y, stats = SparseMoE(self.settings, name=cfg.mlp_module)(
+                _norm(cfg, dtype, "post_attention_layernorm")(x), key_mask, deterministic
+            )
+            return x + y, stats
         if not cfg.sandwich_norms:
             x = x + h
-            return x + MLP(self.settings, name="mlp")(_norm(cfg, dtype, "post_attention_layernorm")(x), deterministic)
+            return x + MLP(self.settings, name="mlp")(
+                _norm(cfg, dtype, "post_attention_layernorm")(x), deterministic
+            ), None
         # Gemma 2/3: the attention output and the MLP's input and output are normed too
         x = x + _norm(cfg, dtype, "post_attention_layernorm")(h)
         h = MLP(self.settings, name="mlp")(_norm(cfg, dtype, "pre_feedforward_layernorm")(x), deterministic)
-        return x + _norm(cfg, dtype, "post_feedforward_layernorm")(h)
+        return x + _norm(cfg, dtype, "post_feedforward_layernorm")(h), None
 
 
 class LlamaForCausalLM(nn.Module):
@@ -576,6 +686,7 @@ class LlamaForCausalLM(nn.Module):
     scan_layers: bool = True
     attention: str = "chunked"
     attention_chunk: int = ATTENTION_CHUNK
+    moe_dispatch: str = "sorted"
 
     @nn.compact
     def __call__(
@@ -615,14 +726,18 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"attention='dot_product' (jax.nn.dot_product_attention) cannot soft-cap scores; this "
                              f"{cfg.model_type} model has attn_logit_softcapping={cfg.attn_logit_softcapping}: use "
                              "'chunked'")  # fmt: skip
+        if self.moe_dispatch not in moe.MOE_DISPATCH:
+            raise ValueError(f"moe_dispatch must be one of {moe.MOE_DISPATCH}; got {self.moe_dispatch!r}")
         settings = ModelSettings(
-            cfg, self.lora, self.quant, self.dtype, self.impl, self.decode, self.attention, self.attention_chunk
-        )
+            cfg, self.lora, self.quant, self.dtype, self.impl, self.decode, self.attention, self.attention_chunk,
+            self.moe_dispatch,
+        )  # fmt: skip
         if self.scan_layers:
             check_scannable(cfg, self.quant)
 
             def block(layer, x, positions, key_mask, segment_ids, sliding):
-                return parallel.shard_batch(layer(x, positions, key_mask, deterministic, segment_ids, sliding)), None
+                x, stats = layer(x, positions, key_mask, deterministic, segment_ids, sliding)
+                return parallel.shard_batch(x), stats
 
             if self.remat:
                 block = nn.remat(block, policy=REMAT_POLICIES[self.remat_policy])
@@ -634,14 +749,21 @@ class LlamaForCausalLM(nn.Module):
                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
                 length=cfg.num_hidden_layers,
             )
-            x, _ = scanned(DecoderLayer(settings, name="layers"), x, positions, key_mask, segment_ids, sliding)
+            x, stats = scanned(DecoderLayer(settings, name="layers"), x, positions, key_mask, segment_ids, sliding)
+            stats = None if stats is None else jax.tree.map(lambda a: jnp.sum(a, axis=0), stats)
         else:
+            stats = None
             layer_cls = DecoderLayer
             if self.remat:
                 layer_cls = nn.remat(DecoderLayer, policy=REMAT_POLICIES[self.remat_policy], static_argnums=(4,))
             for i in range(cfg.num_hidden_layers):
                 layer = layer_cls(settings, name=f"layers_{i}")
-                x = parallel.shard_batch(layer(x, positions, key_mask, deterministic, segment_ids, sliding[i]))
+                x, layer_stats = layer(x, positions, key_mask, deterministic, segment_ids, sliding[i])
+                x = parallel.shard_batch(x)
+                if layer_stats is not None:
+                    stats = layer_stats if stats is None else jax.tree.map(jnp.add, stats, layer_stats)
+        if stats is not None:  # every MoE layer's, summed: apply(..., mutable=["intermediates"]) returns it
+            self.sow("intermediates", ROUTER_STATS, stats)
         x = _norm(cfg, self.dtype, "norm")(x)
         if cfg.tie_word_embeddings:
             head = embed.table()
@@ -731,6 +853,22 @@ def unstack_layers(tree: dict) -> dict:
     return out
 
 
+def unstack_experts(tree: dict) -> dict:
+    """A collection in the unrolled layout -> one subtree per expert, as checkpoints name them:
+    ``experts.gate_proj.kernel`` ``[E, ...]`` becomes ``experts.{e}.gate_proj.kernel`` (leaves of
+    every MoE expert linear, :class:`qlora_jax.nn.moe.ExpertLinear`; other leaves as they are)."""
+    out = {}
+    for path, v in traverse_util.flatten_dict(tree).items():
+        if len(path) >= 3 and path[-3] == "experts":
+            *head, linear, leaf = path
+            n = (v.packed if isinstance(v, quant.QuantizedTensor) else v).shape[0]
+            for e in range(n):
+                out[(*head, str(e), linear, leaf)] = jax.tree.map(lambda a, e=e: a[e], v)
+        else:
+            out[path] = v
+    return traverse_util.unflatten_dict(out)
+
+
 def stack_layers(tree: dict) -> dict:
     """The inverse of :func:`unstack_layers`: ``layers_{i}`` subtrees (identical structure and
     storage) stacked along a new leading axis under ``layers``."""
@@ -766,11 +904,18 @@ def layer_specific_storage(config: LlamaConfig, quant: QuantConfig | None) -> st
         return None
     linears = config.linear_names
     split = linears.index("o_proj") + 1  # attention's linears end with o_proj
-    for block, names in (("self_attn", linears[:split]), ("mlp", linears[split:])):
-        for name in names:
-            storages = {quant.for_module(f"model.layers.{i}.{block}.{name}") for i in range(config.num_hidden_layers)}
-            if len(storages) > 1:
-                return f"{block}.{name}"
+    mlp = config.mlp_module
+    modules = [f"self_attn.{n}" for n in linears[:split]]
+    if config.num_experts:  # every expert's linear, its shared expert's and that one's gate
+        modules += [f"{mlp}.experts.{n}" for n in config.expert_names]
+        if config.shared_expert_intermediate_size:
+            modules += [f"{mlp}.shared_expert.{n}" for n in LINEAR_NAMES[4:]] + [f"{mlp}.{SHARED_EXPERT_GATE}"]
+    else:
+        modules += [f"mlp.{n}" for n in linears[split:]]
+    for module in modules:
+        storages = {quant.for_module(f"model.layers.{i}.{module}") for i in range(config.num_hidden_layers)}
+        if len(storages) > 1:
+            return module
     return None
 
 

@@ -1,4 +1,4 @@
-"""Architectures of published models by name: the LLaMA-1 and LLaMA-2 shapes, as :class:`LlamaConfig`.
+"""Architectures of published models by name: the LLaMA-1, LLaMA-2 and two MoE shapes, as :class:`LlamaConfig`.
 
     from qlora_jax.nn import model_config, preset
     cfg = preset("llama-2-70b")  # 80 layers, 64 heads sharing 8 KV heads
@@ -43,7 +43,19 @@ PRESETS: dict[str, LlamaConfig] = {
     "llama-2-7b": _llama2(4096, 11008, 32, 32, 32),
     "llama-2-13b": _llama2(5120, 13824, 40, 40, 40),
     "llama-2-70b": _llama2(8192, 28672, 80, 64, 8),  # grouped-query attention
-}
+    # mixtures of experts, from their config.json files: 8 experts of 14,336, top-2; 128 of 768, top-8
+    "mixtral-8x7b": LlamaConfig(
+        model_type="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=1e6,
+        max_position_embeddings=32768, num_experts=8, num_experts_per_tok=2, router_aux_loss_coef=0.02,
+    ),
+    "qwen3-30b-a3b": LlamaConfig(
+        model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=48,
+        num_attention_heads=32, num_key_value_heads=4, head_dim=128, rms_norm_eps=1e-6, rope_theta=1e6,
+        max_position_embeddings=40960, qk_norm=True, num_experts=128, num_experts_per_tok=8,
+        moe_intermediate_size=768, norm_topk_prob=True, router_aux_loss_coef=0.001,
+    ),
+}  # fmt: skip
 
 
 def preset(name: str) -> LlamaConfig:

@@ -225,6 +225,14 @@ def activation_bytes(
     d, f, h = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads
     q, kv = h * cfg.dim_head, cfg.num_key_value_heads * cfg.dim_head
     dims = cfg.linear_dims()  # (in, out) of a block's linears, the dimensions of the estimate
+    weights = {name: i * o for name, (i, o) in dims.items()}  # a block's, dequantized under remat
+    if cfg.num_experts:  # each token passes k experts: k times their inputs and outputs; all E dequantized
+        k = cfg.num_experts_per_tok
+        for name in cfg.expert_names:
+            weights[name] *= cfg.num_experts
+            dims[name] = (k * dims[name][0], k * dims[name][1])
+        f = k * cfg.moe_hidden_size + cfg.shared_expert_intermediate_size
+        weights["shared_expert"] = 3 * d * cfg.shared_expert_intermediate_size
     r = lora.rank if lora is not None else 0
     targets = [t for t in cfg.linear_names if lora is not None and r > 0 and t in lora.targets]
     per_token = (
@@ -239,7 +247,7 @@ def activation_bytes(
     )
     if quant is None and backend == "cpu":  # unquantized linears keep their float32 GEMM outputs
         per_token += 4 * sum(o for _, o in dims.values())
-    block_weights = sum(i * o for i, o in dims.values()) * c if quant is not None else 0
+    block_weights = sum(weights.values()) * c if quant is not None else 0
     layers = cfg.num_hidden_layers
     dropout_inputs = n * sum(dims[t][0] for t in targets) if lora is not None and lora.dropout > 0 else 0
     if backend == "cpu":

@@ -95,7 +95,7 @@ def build_model(config):
     lora, quant = _lora_config(config), _quant_config(config)
     kw = dict(remat=config.train.remat, impl=kernels.for_device(jax.local_devices()[0]))
     how = dict(remat_policy=config.train.remat_policy, attention=config.train.attention,
-               attention_chunk=config.train.attention_chunk)  # fmt: skip
+               attention_chunk=config.train.attention_chunk, moe_dispatch=config.train.moe_dispatch)  # fmt: skip
     if config.model_path:
         model = pretrained_model(
             config.model_path, quant=quant, lora=lora, dtype=dtype, scan_layers=config.model.scan_layers, **kw
@@ -313,6 +313,11 @@ def setup(config, mesh) -> Setup:
             f"{model.config.model_type} model does (attn_logit_softcapping={model.config.attn_logit_softcapping}); "
             "use 'chunked'"
         )  # fmt: skip
+    if config.train.router_aux_loss_coef > 0 and not model.config.num_experts:
+        raise ConfigError(
+            "train.router_aux_loss_coef", f"={config.train.router_aux_loss_coef}: this {model.config.model_type} "
+            "model has no router (the load-balancing loss is for mixture-of-experts models); set it to 0"
+        )  # fmt: skip
     if config.export.gguf and model.config.model_type not in gguf.EXPORTABLE:  # refused now, not after training
         raise ConfigError(
             "export.gguf", f"={config.export.gguf!r}: the GGUF writer covers {gguf.EXPORTABLE}, not this model's "
@@ -343,12 +348,14 @@ def _check_layout(layout: StateLayout, built: TrainTree) -> None:
         raise AssertionError(f"the train state built differs from its abstract layout: {got} vs {want}")
 
 
-def jit_train_step(model, optimizer: Optimizer, state_shardings, seed: int, collection: str = "params"):
+def jit_train_step(
+    model, optimizer: Optimizer, state_shardings, seed: int, collection: str = "params", router_aux_loss_coef=0.0
+):
     """The jitted step ``(state, base, batch) -> (state, metrics)``; the state keeps its shardings
     (and memory kinds) and is donated. The dropout key is a function of ``seed`` and the step, so
-    a resumed run draws the same masks."""
+    a resumed run draws the same masks. ``router_aux_loss_coef``: config.train's (a MoE model)."""
     base_key = jax.random.key(seed + 1)
-    step_fn = make_train_step(model, optimizer.tx, optimizer.schedule, collection)
+    step_fn = make_train_step(model, optimizer.tx, optimizer.schedule, collection, router_aux_loss_coef)
     return jax.jit(
         lambda state, base, batch: step_fn(state, base, batch, jax.random.fold_in(base_key, state.step)),
         donate_argnums=(0,),
@@ -511,7 +518,10 @@ def _run(config, workdir: pathlib.Path, ckpt: Checkpoints, chief: bool) -> dict:
                 last = {"step": 0, **run.evaluate(state.params, 0)}
             run.metrics.write(last)
         if start < t.steps:
-            train_step = jit_train_step(model, built.optimizer, built.state_shardings, config.seed, run.collection)
+            train_step = jit_train_step(
+                model, built.optimizer, built.state_shardings, config.seed, run.collection,
+                config.train.router_aux_loss_coef,
+            )  # fmt: skip
             state, last = _train(run, train_step, state, start, window)
     finally:
         run.metrics.close()

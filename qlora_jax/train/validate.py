@@ -22,6 +22,7 @@ from qlora_jax.data.jsonl import FORMATS
 from qlora_jax.data.synthetic import FAMILIES
 from qlora_jax.data.tokenizer import WHEEL_PREFIX
 from qlora_jax.nn.llama import ALL_LINEAR_NAMES, ATTENTION, REMAT_POLICIES
+from qlora_jax.nn.moe import MOE_DISPATCH
 from qlora_jax.parallel import MODES
 from qlora_jax.quant import blockwise, codebooks
 
@@ -47,6 +48,7 @@ RESUMABLE = (
     "train.remat_policy",
     "train.attention",  # chunked and reference agree to float rounding
     "train.attention_chunk",
+    "train.moe_dispatch",  # sorted and dense agree to float rounding
     "train.paged_min_size",
     "train.paged_chunk_bytes",
 )
@@ -190,6 +192,8 @@ RULES: dict[str, Callable] = {
     "train.remat_policy": _choice(tuple(REMAT_POLICIES)),
     "train.attention": _choice(ATTENTION),
     "train.attention_chunk": _int(1, " (keys per step of chunked attention)"),
+    "train.router_aux_loss_coef": _float(0.0, what=" (the load-balancing loss's weight; 0: off)"),
+    "train.moe_dispatch": _choice(MOE_DISPATCH),
     "mesh.data": _mesh_axis,
     "mesh.fsdp": _mesh_axis,
     "sharding.params": _choice(MODES),

@@ -1,4 +1,4 @@
-"""Qwen3, Gemma 1/2/3 and Phi-3 against transformers: each family's own math, its config forms, exports.
+"""Qwen3, Gemma 1/2/3, Phi-3 and the MoEs against transformers: each family's own math, its config forms, exports.
 
 The fp32 logits of every family are compared with transformers' in test_llama.py (``VARIANTS``)
 and their bitsandbytes 4-bit checkpoints in tests/checkpoints/test_hf.py; here each feature the
@@ -33,6 +33,16 @@ FEATURES = [
     ("gemma3_text", {"rope_scaling": None}),
     ("gemma3_text", {"qk_norm": False}),
     ("phi3", {"sliding_window": None}),  # every layer sliding (6 < 16 tokens)
+    ("mixtral", {"sliding_window": None}),
+    ("mixtral", {"num_experts_per_tok": 1}),
+    ("qwen2_moe", {"shared_expert_intermediate_size": 0}),  # no shared expert
+    ("qwen3_moe", {"qk_norm": False}),
+]
+# renormalizing the top-2 weights (or not) moves these logits by 3.4e-3: 34x the parity tolerance
+SMALLER_FEATURES = [
+    ("mixtral", {"norm_topk_prob": False}),  # Mixtral always renormalizes its top-2
+    ("qwen2_moe", {"norm_topk_prob": True}),  # this one does not
+    ("qwen3_moe", {"norm_topk_prob": False}),
 ]
 
 
@@ -48,6 +58,14 @@ def test_each_family_feature_moves_the_logits_far_past_the_parity_tolerance(name
     assert _max_error(model, v, ref) <= 1e-4  # as test_fp32_logits_match_transformers
     without = model.clone(config=dataclasses.replace(model.config, **change))
     assert _max_error(without, v, ref) > 1e-2
+
+
+@pytest.mark.parametrize(("name", "change"), SMALLER_FEATURES, ids=lambda x: x if isinstance(x, str) else ",".join(x))
+def test_moe_renormalization_moves_the_logits_past_ten_times_the_parity_tolerance(name, change):
+    ref = reference(name)
+    model, v = load_pretrained(HF / name, quant=None, dtype=jnp.float32, progress=False)
+    without = model.clone(config=dataclasses.replace(model.config, **change))
+    assert _max_error(without, v, ref) > 1e-3
 
 
 def test_family_configs_are_read_as_transformers_reads_them():
@@ -121,14 +139,18 @@ def test_phi3_128ks_longrope_is_refused_naming_the_file():
         LlamaConfig.from_hf({**raw, "rope_parameters": longrope}, source=str(HF / "phi3" / "config.json"))
 
 
-@pytest.mark.parametrize("name", ["qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "mistral", "qwen2", "llama3_rope"])
+@pytest.mark.parametrize(
+    "name",
+    ["qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "mistral", "qwen2", "llama3_rope", "mixtral", "qwen2_moe",
+     "qwen3_moe"],
+)  # fmt: skip
 def test_config_to_hf_reads_back_to_the_same_config(name):
     cfg = read_config(HF / name)[0]
     cfg = dataclasses.replace(cfg, head_dim=cfg.dim_head)  # config_to_hf writes the head_dim it implies
     assert LlamaConfig.from_hf(config_to_hf(cfg)) == cfg
 
 
-@pytest.mark.parametrize("name", ["gemma2", "gemma3_text", "phi3"])
+@pytest.mark.parametrize("name", ["gemma2", "gemma3_text", "phi3", "mixtral", "qwen2_moe"])
 def test_a_merged_export_loads_back_with_the_same_logits(tmp_path, name):
     model, v = load_pretrained(HF / name, quant=None, dtype=jnp.float32, progress=False, scan_layers=False)
     export_hf(tmp_path / "out", model.config, v["base"])

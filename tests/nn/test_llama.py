@@ -49,7 +49,7 @@ def test_rope_llama3_scaling_changes_only_low_frequencies():
     assert base.dim_head == 16
 
 
-@pytest.mark.parametrize("name", ["mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3"])
+@pytest.mark.parametrize("name", ["mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "mixtral", "qwen2_moe"])
 def test_kv_cache_generation_equals_recomputation(name):
     ref = reference(name)
     model, v = load_pretrained(HF / name, quant=None, dtype=jnp.float32, progress=False)

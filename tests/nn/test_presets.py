@@ -58,8 +58,11 @@ def test_parameter_counts_match_the_published_figures(name):
 def test_the_presets_shapes():
     assert sorted(PRESETS) == [
         "llama-13b", "llama-2-13b", "llama-2-70b", "llama-2-7b", "llama-30b", "llama-33b", "llama-65b", "llama-7b",
+        "mixtral-8x7b", "qwen3-30b-a3b",
     ]  # fmt: skip
     for name, cfg in PRESETS.items():
+        if not name.startswith("llama"):
+            continue
         llama2 = name.startswith("llama-2-")
         assert (cfg.vocab_size, cfg.tie_word_embeddings, cfg.model_type) == (32000, False, "llama"), name
         assert (cfg.max_position_embeddings, cfg.rms_norm_eps) == ((4096, 1e-5) if llama2 else (2048, 1e-6)), name
@@ -72,8 +75,29 @@ def test_the_presets_shapes():
     assert preset("LLaMA-30B") == preset("llama-33b")  # one model, two names; case does not matter
 
 
+# the model cards: Mixtral-8x7B 46.7B parameters (46,702,792,704 in its safetensors index), Qwen3-30B-A3B
+# 30.5B in total and 3.3B activated (8 of 128 experts)
+MOE_PUBLISHED = {"mixtral-8x7b": (46.7e9, None), "qwen3-30b-a3b": (30.5e9, 3.3e9)}
+
+
+@pytest.mark.parametrize("name", sorted(MOE_PUBLISHED))
+def test_the_moe_presets_build_their_published_parameter_counts(name):
+    cfg = preset(name)
+    shapes = jax.eval_shape(lambda: LlamaForCausalLM(cfg).init(jax.random.key(0), jnp.ones((1, 1), jnp.int32)))
+    flat = jax.tree_util.tree_flatten_with_path(shapes)[0]
+    total = sum(int(np.prod(x.shape)) for _, x in flat)
+    total_published, active_published = MOE_PUBLISHED[name]
+    assert abs(total / total_published - 1) <= 0.005, total
+    if active_published:  # embeddings, attention and router, plus k of the E experts
+        experts = sum(int(np.prod(x.shape)) for p, x in flat if "experts" in jax.tree_util.keystr(p))
+        active = total - experts + experts * cfg.num_experts_per_tok // cfg.num_experts
+        assert abs(active / active_published - 1) <= 0.02, active
+
+
 def test_an_unknown_preset_is_refused_listing_the_names():
-    with pytest.raises(ValueError, match=r"no model preset 'llama-3-8b'; the presets: \['llama-13b', .*'llama-7b'\]"):
+    with pytest.raises(
+        ValueError, match=r"no model preset 'llama-3-8b'; the presets: \['llama-13b', .*'qwen3-30b-a3b'\]"
+    ):
         preset("llama-3-8b")
 
 

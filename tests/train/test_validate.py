@@ -86,6 +86,8 @@ def test_an_unknown_variant_of_tiny_is_refused_naming_it():
         ("train__remat_policy", "offload_all", r"config.train.remat_policy must be one of \('nothing_saveable', "),
         ("train__attention", "flash", r"config.train.attention must be one of \('chunked', 'reference', 'dot_"),
         ("train__attention_chunk", 0, r"config.train.attention_chunk must be an integer >= 1 \(keys"),
+        ("train__router_aux_loss_coef", -0.01, r"config.train.router_aux_loss_coef must be >= 0"),
+        ("train__moe_dispatch", "loop", r"config.train.moe_dispatch must be one of \('sorted', 'dense'\)"),
         ("data__target_max_len", 0, r"config.data.target_max_len must be an integer >= 1"),
         ("data__families", ("add", "mul"), r"config.data.families names \['mul'\]"),
         ("data__num_eval", 0, r"config.data.num_eval must be an integer >= 1"),
@@ -136,9 +138,9 @@ def test_the_models_checkpointing_and_attention_are_the_configs():
     from qlora_jax.train.train_lib import build_model
 
     c = _config(train__remat=True, train__remat_policy="save_linears", train__attention="reference",
-                train__attention_chunk=64)  # fmt: skip
+                train__attention_chunk=64, train__moe_dispatch="dense")  # fmt: skip
     validate_config(c)
     model, _ = build_model(c)
-    assert (model.remat, model.remat_policy, model.attention, model.attention_chunk) == (
-        True, "save_linears", "reference", 64,
+    assert (model.remat, model.remat_policy, model.attention, model.attention_chunk, model.moe_dispatch) == (
+        True, "save_linears", "reference", 64, "dense",
     )  # fmt: skip
