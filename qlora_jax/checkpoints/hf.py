@@ -485,6 +485,11 @@ def _load_frozen(
                 value = shards.read_stored(tensors, name, layout, sharding)  # each device its bytes
                 if check_finite:
                     _check_bnb_finite(value, name, tensors.where(name))
+        elif name in stored_4bit:
+            raise ValueError(
+                f"{root}: tensor {name!r} is stored in 4 bits, but this model keeps it unquantized (a MoE router, "
+                f"or a linear in quant.skip_modules; read from {tensors.where(name)})"
+            )
         else:
             got = tensors.shape(name)
             if tuple(got) == expected:

@@ -243,7 +243,10 @@ class LlamaConfig:
         if self.num_experts:  # one expert's
             f = self.moe_hidden_size
         gate, up, down = self.expert_names
-        return attn | {gate: (d, f), up: (d, f), down: (f, d)}
+        out = attn | {gate: (d, f), up: (d, f), down: (f, d)}
+        if self.shared_expert_intermediate_size:
+            out[SHARED_EXPERT_GATE] = (d, 1)
+        return out
 
     @property
     def sliding_layers(self) -> tuple[bool, ...]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -70,6 +71,13 @@ class QuantConfig:
         for field in ("skip_modules", "no_double_quant"):  # tuples: the config stays hashable for jit
             value = getattr(self, field)
             object.__setattr__(self, field, (value,) if isinstance(value, str) else tuple(value))
+            # a MoE layer's experts share one storage per linear (qlora_jax.nn.moe.ExpertLinear)
+            one = [p for p in getattr(self, field) if re.search(r"(^|\.)experts\.\d+(\.|$)", p)]
+            if one:
+                raise ValueError(
+                    f"QuantConfig.{field}: {one} pick single experts; a MoE layer stores all of a linear's experts "
+                    "alike: name the linear (layers.1.mlp.experts.gate_proj)"
+                )
 
     def for_module(self, module: str) -> QuantConfig | None:
         """The storage of the linear ``module`` (a transformers name): None = kept in 16 bits."""

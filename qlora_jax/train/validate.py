@@ -271,10 +271,19 @@ def resumable(key: str) -> bool:
     return any(key == k or (k.endswith(".*") and key.startswith(k[:-1])) for k in RESUMABLE)
 
 
+# keys added after runs were saved, with the value that does what those runs did: absent from a
+# saved config and set to this value, a key is no change
+ADDED_KEYS = {"train.router_aux_loss_coef": 0.0}
+
+
 def changed_keys(old: Mapping, new: Mapping) -> list[tuple[str, object, object]]:
-    """``(key, old, new)`` for every flattened key whose value differs (absent: ``None``), sorted."""
+    """``(key, old, new)`` for every flattened key whose value differs (absent: ``None``; absent
+    from ``old`` and at its :data:`ADDED_KEYS` value: the same), sorted."""
     a, b = flatten(old), flatten(new)
     norm = {k: _plain(v) for k, v in a.items()}, {k: _plain(v) for k, v in b.items()}
+    for k, v in ADDED_KEYS.items():
+        if k not in norm[0] and norm[1].get(k) == v:
+            norm[0][k] = v
     return [(k, norm[0].get(k), norm[1].get(k)) for k in sorted(set(a) | set(b)) if norm[0].get(k) != norm[1].get(k)]
 
 

@@ -220,17 +220,19 @@ def _os_error(e: BaseException) -> str:
 
 
 class _HoldOrbaxErrors(logging.Filter):
-    """Keeps orbax's ERROR records (a traceback per failing write thread) in ``held`` instead of the log;
-    with ``about``, only those whose message names that path."""
+    """Keeps orbax's WARNING and ERROR records (a traceback per failing write thread) in ``held``
+    instead of the log; with ``about``, only those whose message names that path or that carry a
+    traceback (a failed save's writer threads, reporting after it returned: seen as a WARNING with
+    the EFBIG traceback when the machine was loaded)."""
 
     def __init__(self, held: list, about: str | None = None):
         super().__init__()
         self.held, self.about = held, about
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.ERROR or f"{os.sep}orbax{os.sep}" not in record.pathname:
+        if record.levelno < logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname:
             return True
-        if self.about is not None and self.about not in record.getMessage():
+        if self.about is not None and self.about not in record.getMessage() and not record.exc_info:
             return True
         self.held.append(record)
         return False
