@@ -29,6 +29,7 @@ from absl import app, flags
 
 from experiments.configs import tiny
 from qlora_jax.nn import PRESETS, LoRAConfig, QuantConfig, model_config
+from qlora_jax.nn.moe import MOE_DISPATCH
 from qlora_jax.quant import bits_per_param
 from qlora_jax.train import memory
 from qlora_jax.train.validate import ConfigError, validate_config
@@ -58,6 +59,9 @@ flags.DEFINE_enum("optimizer", "adamw", list(memory.OPTIMIZERS), "AdamW or 8-bit
 flags.DEFINE_bool("remat", True, "gradient checkpointing (nn.remat per decoder block)")
 flags.DEFINE_enum("remat_policy", "nothing_saveable", list(memory.PLANNED_POLICIES),
                   "what a checkpointed block keeps (offload_linears: the linears' outputs in host memory)")  # fmt: skip
+flags.DEFINE_enum(
+    "moe_dispatch", "sorted", list(MOE_DISPATCH), "a MoE model's expert dispatch (dense: every expert on every token)"
+)
 flags.DEFINE_string("mesh", "data=1,fsdp=1", "device mesh, e.g. data=2,fsdp=4")
 flags.DEFINE_string(
     "chunk_bytes", "256MiB", "paged(chunk_bytes=...), as config.train.paged_chunk_bytes; none = all state at once"
@@ -83,6 +87,7 @@ FLAG_KEYS = {
     "dropout": "lora.dropout", "lora_dtype": "lora.dtype", "quant": "quant.type", "block_size": "quant.block_size",
     "double_quant": "quant.double_quant", "optimizer": "train.optimizer", "remat": "train.remat",
     "remat_policy": "train.remat_policy", "chunk_bytes": "train.paged_chunk_bytes",
+    "moe_dispatch": "train.moe_dispatch",
 }  # fmt: skip
 
 
@@ -100,7 +105,7 @@ def training_config(f, chunk_bytes: int | None, targets: tuple[str, ...]):
         c.quant.block_size, c.quant.double_quant = f.block_size, f.double_quant
         c.lora.rank, c.lora.targets, c.lora.dropout, c.lora.dtype = f.rank, targets, f.dropout, f.lora_dtype
         c.train.batch_size, c.train.accum_steps, c.train.remat = f.batch, f.accum_steps, f.remat
-        c.train.remat_policy = f.remat_policy
+        c.train.remat_policy, c.train.moe_dispatch = f.remat_policy, f.moe_dispatch
     try:
         validate_config(c)
     except ConfigError as e:
@@ -125,7 +130,7 @@ def build_plan(argv_flags=None) -> memory.MemoryPlan:
     return memory.plan(
         cfg, quant, lora, batch=c.train.batch_size, seq_len=f.seq_len, mesh=f.mesh, paged=f.paged,
         remat=c.train.remat, remat_policy=c.train.remat_policy, accum_steps=c.train.accum_steps, optimizer=f.optimizer,
-        shard_params=f.shard_params,
+        shard_params=f.shard_params, moe_dispatch=c.train.moe_dispatch,
         chunk_bytes=chunk_bytes, device_memory=parse_bytes(f.device_memory),
     )  # fmt: skip
 

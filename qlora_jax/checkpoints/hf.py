@@ -48,6 +48,7 @@ from qlora_jax.nn.lora import (
     init_lora_b,
     merged_weight,
 )
+from qlora_jax.nn.moe import is_expert_path
 
 # Buffers some transformers versions saved that are recomputed, not loaded.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -199,6 +200,14 @@ def config_to_hf(config: LlamaConfig, dtype: str = "float32") -> dict:
         out["sliding_window"] = config.sliding_window
     if config.layer_types is not None:  # Mistral's window covers every layer, without layer_types
         out["layer_types"] = list(config.layer_types)
+    # a field its model_type fixes (Qwen3's qk_norm, Gemma's norm offset, ...) set otherwise would be
+    # written as a checkpoint transformers, and our loader, compute differently from this model
+    back = dataclasses.replace(LlamaConfig.from_hf(out), head_dim=config.head_dim)
+    changed = [f.name for f in dataclasses.fields(config) if getattr(back, f.name) != getattr(config, f.name)]
+    if changed:
+        fields = ", ".join(f"{k}={getattr(config, k)!r} (model_type {config.model_type!r}: {getattr(back, k)!r})"
+                           for k in changed)  # fmt: skip
+        raise ValueError(f"this LlamaConfig cannot be written as a {config.model_type} config.json: {fields}")
     return out
 
 
@@ -396,11 +405,6 @@ def _check_bnb_finite(qt: quant.QuantizedTensor, name: str, where: str) -> None:
             _check_finite(value, f"{name}.{field}", where)
 
 
-def _is_expert_leaf(path: tuple[str, ...]) -> bool:
-    """Whether a base path is a MoE expert linear's (``...experts.gate_proj.kernel``: ``[E, ...]``)."""
-    return len(path) >= 3 and path[-3] == "experts"
-
-
 def _num_experts(leaf) -> int:
     return int((leaf.packed if quant.is_quantized(leaf) else leaf).shape[0])
 
@@ -520,7 +524,7 @@ def _load_frozen(
         stacked = stack and path[0].startswith("layers_")
         key = ("layers", *path[1:]) if stacked else path
         sharding = _layer_sharding(flat_shardings[key]) if stacked else flat_shardings[key]
-        if _is_expert_leaf(path):  # [E, ...]: one checkpoint tensor per expert, stacked as they come
+        if is_expert_path(path, stacked=True):  # [E, ...]: one checkpoint tensor per expert, stacked as they come
             one = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), leaf)
             value = shards.empty_stack(leaf, sharding)
             for e, name in enumerate(expert_tensor_names(path, _num_experts(leaf))):
@@ -609,7 +613,7 @@ def save_pretrained_4bit(path, config_raw: dict, frozen: dict, compute_dtype: st
     skipped = []  # linears kept in 16 bits: bitsandbytes' llm_int8_skip_modules
     for p, value in traverse_util.flatten_dict(unstack_experts(unstack_layers(frozen))).items():
         name = hf_tensor_name(p)
-        if "experts" in p:  # as transformers 5 + bitsandbytes store MoE experts: unquantized
+        if is_expert_path(p, stacked=False):  # as transformers 5 + bitsandbytes store MoE experts: unquantized
             w = quant.dequantize(value, value.dtype) if quant.is_quantized(value) else value
             tensors[name] = np.asarray(jax.device_get(w))
         elif quant.is_quantized(value):

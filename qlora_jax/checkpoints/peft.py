@@ -25,6 +25,7 @@ from safetensors.numpy import save_file
 
 from qlora_jax.nn.llama import unstack_experts, unstack_layers
 from qlora_jax.nn.lora import LoRAConfig
+from qlora_jax.nn.moe import is_expert_path
 
 
 def peft_tensor_name(path: tuple[str, ...]) -> str:
@@ -41,7 +42,7 @@ def export_peft_adapter(path, params: dict, lora: LoRAConfig, base_model_name_or
     root.mkdir(parents=True, exist_ok=True)
     flat = traverse_util.flatten_dict(unstack_experts(unstack_layers(params)))
     tensors = {peft_tensor_name(p): np.asarray(jax.device_get(v), np.float32) for p, v in flat.items()}
-    experts = any("experts" in p for p in flat)
+    experts = any(is_expert_path(p, stacked=False) for p in flat)
     save_file(tensors, str(root / "adapter_model.safetensors"), metadata={"format": "pt"})
     config = {
         "peft_type": "LORA",

@@ -862,7 +862,7 @@ def unstack_experts(tree: dict) -> dict:
     every MoE expert linear, :class:`qlora_jax.nn.moe.ExpertLinear`; other leaves as they are)."""
     out = {}
     for path, v in traverse_util.flatten_dict(tree).items():
-        if len(path) >= 3 and path[-3] == "experts":
+        if moe.is_expert_path(path, stacked=True):
             *head, linear, leaf = path
             n = (v.packed if isinstance(v, quant.QuantizedTensor) else v).shape[0]
             for e in range(n):

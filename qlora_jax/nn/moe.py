@@ -37,6 +37,17 @@ Array = jax.Array
 MOE_DISPATCH = ("sorted", "dense")
 EXPERT_LINEARS = ("gate_proj", "up_proj", "down_proj")
 
+
+def is_expert_path(path: tuple[str, ...], stacked: bool | None = None) -> bool:
+    """Whether a flattened variable path is a MoE expert linear's leaf: stacked, as the model holds
+    it (``(..., "experts", "gate_proj", "kernel")``, arrays ``[E, ...]``), or one expert's, after
+    :func:`qlora_jax.nn.llama.unstack_experts` (``(..., "experts", "3", "gate_proj", "kernel")``).
+    ``stacked`` True or False accepts only that form."""
+    is_stacked = len(path) >= 3 and path[-3] == "experts"
+    per_expert = len(path) >= 4 and path[-4] == "experts" and path[-3].isdigit()
+    return {None: is_stacked or per_expert, True: is_stacked, False: per_expert}[stacked]
+
+
 # lhs [rows, in] grouped by expert, rhs [E, out, in]: each group of rows times its expert's rhs^T
 _GROUPED = jax.lax.RaggedDotDimensionNumbers(
     dot_dimension_numbers=(([1], [2]), ([], [])), lhs_ragged_dimensions=[0], rhs_group_dimensions=[0]

@@ -52,6 +52,7 @@ from jax.sharding import PartitionSpec as P
 from qlora_jax import parallel
 from qlora_jax.nn.llama import ATTENTION_CHUNK, LlamaConfig, LlamaForCausalLM
 from qlora_jax.nn.lora import LoRAConfig, QuantConfig
+from qlora_jax.nn.moe import MOE_DISPATCH
 from qlora_jax.optim import OPTIMIZERS as _CONFIG_OPTIMIZERS
 from qlora_jax.optim import OptimizerConfig, build_optimizer
 from qlora_jax.quant import is_quantized
@@ -175,6 +176,7 @@ def activation_bytes(
     dtype=jnp.bfloat16,
     backend: str = "gpu",
     remat_policy: str = "nothing_saveable",
+    moe_dispatch: str = "sorted",
 ) -> dict[str, int]:
     """Estimated activation bytes of one micro-batch's forward + backward, per device.
 
@@ -224,29 +226,51 @@ def activation_bytes(
     c = _itemsize(dtype)
     d, f, h = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads
     q, kv = h * cfg.dim_head, cfg.num_key_value_heads * cfg.dim_head
-    dims = cfg.linear_dims()  # (in, out) of a block's linears, the dimensions of the estimate
-    weights = {name: i * o for name, (i, o) in dims.items()}  # a block's, dequantized under remat
-    if cfg.num_experts:  # each token passes k experts: k times their inputs and outputs; all E dequantized
-        k = cfg.num_experts_per_tok
-        for name in cfg.expert_names:
-            weights[name] *= cfg.num_experts
-            dims[name] = (k * dims[name][0], k * dims[name][1])
-        f = k * cfg.moe_hidden_size + cfg.shared_expert_intermediate_size
-        weights["shared_expert"] = 3 * d * cfg.shared_expert_intermediate_size
     r = lora.rank if lora is not None else 0
     targets = [t for t in cfg.linear_names if lora is not None and r > 0 and t in lora.targets]
-    per_token = (
-        3 * c * d
-        + 8 * d
-        + c * (2 * q + 2 * kv)
-        + 4 * (q + kv)
-        + 4 * q
-        + 4 * h
-        + (3 * c + 12) * f
-        + 2 * c * r * len(targets)
-    )
-    if quant is None and backend == "cpu":  # unquantized linears keep their float32 GEMM outputs
-        per_token += 4 * sum(o for _, o in dims.values())
+    experts = cfg.expert_names if cfg.num_experts else ()
+
+    def block(m: int) -> tuple[dict[str, tuple[int, int]], int]:
+        """A block's linears' (in, out) per token and its per-token bytes, with ``m`` expert rows
+        per token."""
+        dims = cfg.linear_dims()  # one expert's, for a MoE linear
+        rows = {name: m if name in experts else 1 for name in dims}
+        dims = {name: (rows[name] * i, rows[name] * o) for name, (i, o) in dims.items()}
+        width = m * cfg.moe_hidden_size + cfg.shared_expert_intermediate_size if experts else f
+        per_token = (
+            3 * c * d
+            + 8 * d
+            + c * (2 * q + 2 * kv)
+            + 4 * (q + kv)
+            + 4 * q
+            + 4 * h
+            + (3 * c + 12) * width
+            + 2 * c * r * sum(rows[t] for t in targets)
+            + (4 * m * d if experts else 0)  # the weighted expert outputs, float32
+            + sum(2 * c * dims[t][1] for t in targets if t in experts)  # an expert adapter's output and sum
+        )
+        if quant is None and backend == "cpu":  # unquantized linears keep their float32 GEMM outputs
+            per_token += 4 * sum(o for _, o in dims.values())
+        return dims, per_token
+
+    weights = {name: i * o for name, (i, o) in cfg.linear_dims().items()}  # a block's, dequantized under remat
+    transient = 0  # per token: what one block holds in flight and does not save (no remat)
+    if experts:  # all E experts dequantized; a token passes k of them (sorted) or all E (dense)
+        e, k = cfg.num_experts, cfg.num_experts_per_tok
+        if moe_dispatch not in MOE_DISPATCH:
+            raise ValueError(f"moe_dispatch must be one of {MOE_DISPATCH}; got {moe_dispatch!r}")
+        for name in experts:
+            weights[name] *= e
+        weights["shared_expert"] = 3 * d * cfg.shared_expert_intermediate_size
+        if moe_dispatch == "dense":
+            dims, per_token = block(e)
+        elif backend == "cpu":  # XLA:CPU lowers a ragged dot to a dot of each row with every expert (measured)
+            dims, per_token = block(k)
+            transient = block(e * k)[1] - per_token
+        else:
+            dims, per_token = block(k)
+    else:
+        dims, per_token = block(1)
     block_weights = sum(weights.values()) * c if quant is not None else 0
     layers = cfg.num_hidden_layers
     dropout_inputs = n * sum(dims[t][0] for t in targets) if lora is not None and lora.dropout > 0 else 0
@@ -263,14 +287,14 @@ def activation_bytes(
         return {
             "saved": (c * d * n + kept - host) * layers,
             "dropout": dropout,
-            "working": max(head, max(per_token * n - kept + host, 0) + chunk),
+            "working": max(head, max((per_token + transient) * n - kept + host, 0) + chunk),
             "dequantized": block_weights,
             "offloaded": host * layers,
         }
     return {
         "saved": (per_token * n + block_weights) * layers,
         "dropout": dropout,
-        "working": max(head, chunk),
+        "working": max(head, chunk + transient * n),
         "dequantized": 0,
         "offloaded": 0,
     }
@@ -438,6 +462,7 @@ def plan(
     dtype=jnp.bfloat16,
     device_memory: int | None = None,
     backend: str = "gpu",
+    moe_dispatch: str = "sorted",
 ) -> MemoryPlan:
     """Bytes per device to run this repo's train step, by component, and whether it fits.
 
@@ -456,6 +481,7 @@ def plan(
       remat: ``nn.remat`` per decoder block.
       remat_policy: what a rematerialized block keeps, in :data:`PLANNED_POLICIES`
         (``config.train.remat_policy``; :data:`qlora_jax.nn.llama.REMAT_POLICIES`).
+      moe_dispatch: a MoE model's ``config.train.moe_dispatch`` (:data:`qlora_jax.nn.moe.MOE_DISPATCH`).
       accum_steps: micro-batches per step; the step's scan carries a gradient accumulator.
       optimizer: ``"adamw"`` or ``"adamw_8bit"`` (with ``paged``: the builder's ``paged_adamw``,
         ``paged_adamw_8bit``).
@@ -494,7 +520,9 @@ def plan(
     grads = adapters * (2 if accum_steps > 1 else 1)
     opt_device, opt_host = held["opt_state"].get("device", 0), held["opt_state"].get("pinned_host", 0)
     gathered = _block_bytes(layout.abstract.base) if fsdp > 1 else 0
-    acts = activation_bytes(model_config, lora, quant, batch // devices, seq_len, remat, dtype, backend, remat_policy)
+    acts = activation_bytes(
+        model_config, lora, quant, batch // devices, seq_len, remat, dtype, backend, remat_policy, moe_dispatch
+    )
     backward = sum(acts.values()) + gathered
     # the update runs after the backward pass: paged moments come to the device (all at once
     # with chunk_bytes=None, else the largest chunk) and new ones are written before going back.
@@ -539,6 +567,7 @@ def compiled_memory(
     min_size: int = OptimizerConfig.paged_min_size,
     dtype=jnp.bfloat16,
     remat_policy: str = "nothing_saveable",
+    moe_dispatch: str = "sorted",
 ) -> dict[str, int]:
     """``memory_analysis()`` of the compiled train step for abstract inputs (nothing allocated).
 
@@ -551,7 +580,8 @@ def compiled_memory(
 
     opt = optimizer_config(optimizer, paged, min_size)
     layout = train_layout(cfg, quant, lora, optimizer=opt, remat=remat, dtype=dtype)
-    model = LlamaForCausalLM(cfg, lora=lora, quant=quant, dtype=dtype, remat=remat, remat_policy=remat_policy)
+    model = LlamaForCausalLM(cfg, lora=lora, quant=quant, dtype=dtype, remat=remat, remat_policy=remat_policy,
+                             moe_dispatch=moe_dispatch)  # fmt: skip
     host = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
 
     def place(x, kind):

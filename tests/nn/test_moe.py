@@ -298,3 +298,57 @@ def test_a_moe_checkpoint_fine_tunes_with_the_router_loss_and_exports(tmp_path):
     assert dense.returncode != 0 and "config.train.router_aux_loss_coef=0.02: this llama model has no router" in (
         dense.stderr
     )
+
+
+def test_the_router_loss_under_accumulation_weights_each_micro_batch_by_its_targets():
+    """Two micro-batches with 10 and 5 target tokens: the step's gradient is that of
+    (Σ_mb CE_sum_mb + c · Σ_mb aux_mb · n_mb) / Σ n_mb, each aux over its own micro-batch's tokens
+    (a router loss is not additive over tokens, so accumulation is not one large batch), and the
+    metrics report the two terms' target-weighted means."""
+    import optax
+
+    from qlora_jax.train import TrainState, make_train_step
+    from qlora_jax.train.steps import token_loss
+
+    model, v = load_pretrained(HF / "qwen3_moe", quant=None, lora=LoRAConfig(rank=4, dropout=0.0), dtype=jnp.float32,
+                               progress=False)  # fmt: skip
+    params = nonzero_adapters(v["params"], scale=0.05)
+    rng = np.random.default_rng(0)
+    ids = jnp.asarray(rng.integers(0, 128, (2, 2, 8)), jnp.int32)
+    attn = np.ones((2, 2, 8), np.int32)
+    targets = np.zeros((2, 2, 8), np.int32)
+    targets[0, :, 3:] = 1  # 2 rows x 5 targets: 10
+    targets[1, 0, 5:] = 1  # 3 targets
+    targets[1, 1, 6:] = 1  # 2 targets
+    batch = {"input_ids": ids, "attention_mask": jnp.asarray(attn), "loss_mask": jnp.asarray(targets)}
+    coef, tx = 0.5, optax.sgd(1.0)
+    step = jax.jit(make_train_step(model, tx, router_aux_loss_coef=coef))
+    state, m = step(TrainState(jnp.int32(0), params, tx.init(params)), v["base"], batch, jax.random.key(0))
+
+    mbs = [{k: x[i] for k, x in batch.items()} for i in range(2)]
+    ns = [int(token_loss(model, params, v["base"], mb, None, True)[1]) for mb in mbs]
+    assert ns == [10, 5]
+
+    def aux_of(p, mb):
+        _, st = model.apply({**v, "params": p}, mb["input_ids"], mb["attention_mask"], mutable=["intermediates"])
+        return moe.load_balancing_loss(st["intermediates"][ROUTER_STATS][0])
+
+    def objective(p):
+        ce = sum(token_loss(model, p, v["base"], mb, None, True)[0] for mb in mbs)
+        return (ce + coef * sum(aux_of(p, mb) * n for mb, n in zip(mbs, ns, strict=True))) / sum(ns)
+
+    def unweighted(p):  # the other reading: the micro-batches' aux averaged alike
+        ce = sum(token_loss(model, p, v["base"], mb, None, True)[0] for mb in mbs)
+        return ce / sum(ns) + coef * sum(aux_of(p, mb) for mb in mbs) / 2
+
+    got = traverse_util.flatten_dict(jax.tree.map(lambda new, old: old - new, state.params, params))  # sgd(1)
+    for name, fn, close in (("weighted", objective, True), ("unweighted", unweighted, False)):
+        errs = [float(jnp.abs(got[path] - g).max() / jnp.abs(g).max())  # of each leaf's largest entry
+                for path, g in traverse_util.flatten_dict(jax.jit(jax.grad(fn))(params)).items()]  # fmt: skip
+        assert (max(errs) < 1e-5) == close, (name, max(errs))
+    auxes = [float(aux_of(params, mb)) for mb in mbs]
+    assert abs(auxes[0] - auxes[1]) > 1e-3  # the weighting is visible
+    np.testing.assert_allclose(float(m["router_aux_loss"]), (auxes[0] * 10 + auxes[1] * 5) / 15, rtol=1e-5)
+    # one large batch would take one aux over all 4 rows' tokens: a different objective
+    whole = {k: x.reshape(4, 8) for k, x in batch.items()}
+    assert abs(float(aux_of(params, whole)) - float(m["router_aux_loss"])) > 1e-4

@@ -23,7 +23,7 @@ from jax.sharding import AbstractMesh, AxisType
 from jax.sharding import PartitionSpec as P
 
 from qlora_jax import parallel
-from qlora_jax.quant import quantize
+from qlora_jax.quant import bits_per_param, quantize
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = [  # tiny.py:small, with what these runs need of their own (float32: reduction order aside, exact)
@@ -192,16 +192,17 @@ def test_two_processes_train_like_one(one_device, tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["3", "6"]
 
 
-def _checkpoint(tmp_path, fmt: str = "float32") -> Path:
+def _checkpoint(tmp_path, fmt: str = "float32", **moe) -> Path:
     """A float32 checkpoint whose 4-bit linears all split block-aligned over 8 devices; or
-    (``fmt="bnb4bit"``) the same saved in bitsandbytes' 4-bit format."""
+    (``fmt="bnb4bit"``) the same saved in bitsandbytes' 4-bit format. ``moe``: LlamaConfig fields
+    of a mixture-of-experts model instead."""
     import jax
     import jax.numpy as jnp
 
     from qlora_jax.checkpoints import export_hf, load_pretrained, read_config, save_pretrained_4bit
     from qlora_jax.nn import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4)
+    cfg = LlamaConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4, **moe)
     model = LlamaForCausalLM(cfg, dtype=jnp.float32, scan_layers=False)
     export_hf(tmp_path / "ckpt", cfg, model.init(jax.random.key(0), jnp.ones((1, 4), jnp.int32))["base"])
     if fmt == "float32":
@@ -211,11 +212,13 @@ def _checkpoint(tmp_path, fmt: str = "float32") -> Path:
     return tmp_path / fmt
 
 
-def _check_load(out: dict, fmt: str) -> None:
+def _check_load(out: dict, fmt: str, quantized_piece: float = 0.0) -> None:
+    """``quantized_piece``: a piece's 4-bit bytes per full-precision byte, when the peak may also hold
+    the piece just quantized (a MoE expert: quantized into the layer's stack of experts)."""
     assert out["same"]  # every shard equals the one-device load split afterwards, byte for byte
     assert out["split_quantized"] == 7  # every linear of the (scanned) block is split, none replicated
     for device, peak in out["peak"].items():  # never more than its shards plus the tensor in flight
-        assert peak <= out["final"][device] + out["piece"][device], (device, out)
+        assert peak <= out["final"][device] + out["piece"][device] * (1 + quantized_piece), (device, out)
         if fmt == "float32":
             assert out["final"][device] < out["total"] / out["devices"]  # 4-bit shards: far below a 1/8 copy
 
@@ -229,6 +232,22 @@ def test_load_goes_straight_into_eight_shards(tmp_path, fmt):
     _check_load(out, fmt)
     # one process holds every shard: it reads every byte once (a bitsandbytes checkpoint: plus one
     # weight's quant_state JSON, a few hundred bytes read first for the source dtype it records)
+    assert 0 <= out["read"] - out["total"] <= (1024 if fmt == "bnb4bit" else 0), out
+
+
+@pytest.mark.parametrize("fmt", ["float32", "bnb4bit"])
+def test_a_moe_checkpoint_loads_straight_into_eight_shards(tmp_path, fmt):
+    """Qwen3-MoE, 4 experts: each expert's tensor is read into its slice of the stacked [E] linear,
+    split by rows over 8 devices like a dense linear (a bitsandbytes checkpoint stores the experts
+    unquantized: quantized as they load)."""
+    moe = dict(model_type="qwen3_moe", qk_norm=True, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=512)
+    path = _checkpoint(tmp_path, fmt, **moe)
+    cmd = [sys.executable, str(ROOT / "tests" / "parallel" / "load_probe.py"), str(path)]
+    out = json.loads(subprocess.run(cmd, cwd=ROOT, env=_env(8), capture_output=True, text=True, check=True).stdout)
+    assert out["devices"] == 8
+    # q, k, v, o and the three expert linears split, the router replicated; the last expert's float32
+    # piece and its NF4 + DQ form (4.127 bits per 32) are live together beyond the final shards
+    _check_load(out, fmt, quantized_piece=bits_per_param() / 32)
     assert 0 <= out["read"] - out["total"] <= (1024 if fmt == "bnb4bit" else 0), out
 
 

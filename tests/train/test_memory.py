@@ -263,6 +263,40 @@ def test_plan_within_15_percent_of_compiled_step_on_cpu(name, c):
     assert abs(p.device_bytes / measured["peak"] - 1) <= TOLERANCE, (p.device_bytes, measured)
 
 
+# MoE: (model_type, experts, dispatch, remat). XLA:CPU lowers the sorted dispatch's ragged dot to a
+# dot of every row with every expert, so there a block holds E·k rows per token (the plan's
+# backend="cpu" model; measured 0.98-1.09 of the compiled step at E = 4, 8 and I = 256, 512); an
+# accelerator's grouped matmul holds k (not validated: no GPU run yet).
+MOE_VALIDATION = [
+    ("qwen3_moe", 8, "sorted", True),
+    ("qwen3_moe", 4, "sorted", False),
+    ("qwen3_moe", 8, "dense", True),
+    ("qwen3_moe", 4, "dense", False),
+    ("qwen2_moe", 8, "sorted", True),
+    ("mixtral", 4, "dense", True),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type,experts,dispatch,remat", MOE_VALIDATION)
+def test_a_moe_plan_is_within_15_percent_of_the_compiled_step_on_cpu(model_type, experts, dispatch, remat):
+    """Adapters on every expert (r=16): each dispatch's expert rows per token (k sorted, E dense)
+    and the experts' adapter outputs are in the estimate."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("the CPU activation model (backend='cpu') is validated on the CPU backend")
+    extra = dict(shared_expert_intermediate_size=384, qkv_bias=True) if model_type == "qwen2_moe" else {}
+    cfg = LlamaConfig(
+        model_type=model_type, vocab_size=1000, hidden_size=256, intermediate_size=512, moe_intermediate_size=256,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, num_experts=experts,
+        num_experts_per_tok=2, **extra,
+    )  # fmt: skip
+    lora = LoRAConfig(rank=16, dropout=0.0, dtype=jnp.float32, targets=cfg.linear_names)
+    kw = dict(batch=2, seq_len=128, remat=remat, paged=False, moe_dispatch=dispatch)
+    p = memory.plan(cfg, QuantConfig(), lora, backend="cpu", **kw)
+    measured = memory.compiled_memory(cfg, QuantConfig(), lora, **kw)
+    assert abs(p.device_bytes / measured["peak"] - 1) <= TOLERANCE, (p.device_bytes, measured)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("layers", [2, 4])
 def test_what_save_linears_adds_is_planned_within_15_percent_on_cpu(layers):
