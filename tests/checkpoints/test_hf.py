@@ -1,6 +1,7 @@
 """Checkpoint loading and saving against transformers + bitsandbytes fixtures."""
 
 import json
+import re
 import shutil
 
 import jax
@@ -13,7 +14,7 @@ from safetensors.numpy import load_file, save_file
 
 from qlora_jax import quant
 from qlora_jax.checkpoints import load_pretrained, read_config, save_pretrained_4bit
-from qlora_jax.nn import LoRAConfig, QuantConfig
+from qlora_jax.nn import LlamaConfig, LoRAConfig, QuantConfig
 from qlora_jax.nn.llama import unstack_layers
 from qlora_jax.quant import codebooks
 
@@ -379,3 +380,21 @@ def test_a_sharding_tree_of_another_layout_is_named():
         ValueError, match=r"sharding= does not match this model's base \(scan_layers=True\): missing \['layers"
     ):
         load_pretrained(HF / "llama_gqa", sharding=wrong, progress=False)
+
+
+@pytest.mark.parametrize(
+    "fields,named",
+    [
+        (dict(model_type="qwen3"), "qk_norm=False (model_type 'qwen3': True)"),
+        (dict(model_type="gemma2", query_pre_attn_scalar=256), "sandwich_norms=False (model_type 'gemma2': True)"),
+    ],
+)
+def test_a_config_its_model_type_would_read_back_otherwise_is_not_written(tmp_path, fields, named):
+    """LlamaConfig(model_type="qwen3") without qk_norm is a model transformers (and our loader) would
+    compute with q/k norms from the config.json written for it: refused, naming the field."""
+    from qlora_jax.checkpoints.hf import config_to_hf
+
+    with pytest.raises(ValueError, match=re.escape(named)):
+        config_to_hf(LlamaConfig(**fields))
+    fixed = read_config(HF / "qwen3")[0]
+    assert LlamaConfig.from_hf(config_to_hf(fixed)) == fixed  # a config read from a checkpoint is written as it was
