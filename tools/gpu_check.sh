@@ -13,9 +13,10 @@
 #   6. experiments/bench_attention.py (chunked vs whole-matrix vs jax.nn.dot_product_attention / cuDNN:
 #      step memory and device time);
 #   7. experiments/bench_remat.py (remat policies at LLaMA-7B block shapes: step memory, host bytes, time);
-#   8. experiments/bench_moe.py (MoE dispatch, sorted/grouped vs dense, at 8 and 32 experts: memory, time).
-# Prints a short summary table last; full logs go to $OUT (or /tmp/gpu_check). Budget: at most 10.3 min
-# (timeouts 130 + 180 + 60 + 60 + 40 + 75 + 45 + 30 s) plus the machine's start.
+#   8. experiments/bench_moe.py (MoE dispatch, sorted/grouped vs dense, at 8 and 32 experts: memory, time);
+#   9. experiments/bench_dora.py (DoRA's step over LoRA's on NF4 and bf16 bases: memory, time).
+# Prints a short summary table last; full logs go to $OUT (or /tmp/gpu_check). Budget: at most 10.8 min
+# (timeouts 130 + 180 + 60 + 60 + 40 + 75 + 45 + 30 + 30 s) plus the machine's start.
 # Usage (device tool): bash tools/gpu_check.sh
 # Dry run on a CPU (interpret mode, XLA path only): QLORA_JAX_INTERPRET=1 PY=.venv/bin/python bash tools/gpu_check.sh
 set -uo pipefail
@@ -57,6 +58,9 @@ remat_rc=$?
 timeout 30 $PY -m experiments.bench_moe --experts=8,32 --hidden=1024 --moe=1024 --tokens=2048 --repeats=3 \
   >"$OUT/bench_moe.log" 2>&1
 moe_rc=$?
+timeout 30 $PY -m experiments.bench_dora --hidden=4096 --heads=32 --layers=2 --seq=512 --repeats=3 \
+  >"$OUT/bench_dora.log" 2>&1
+dora_rc=$?
 
 echo
 echo "== kernel tests (rc=$tests_rc) =="
@@ -85,5 +89,8 @@ grep -v -e "^I[0-9]" -e "^W[0-9]" "$OUT/bench_remat.log" | tail -n 6
 echo
 echo "== bench_moe (rc=$moe_rc) =="
 grep -v -e "^I[0-9]" -e "^W[0-9]" "$OUT/bench_moe.log" | tail -n 6
+echo
+echo "== bench_dora (rc=$dora_rc) =="
+grep -v -e "^I[0-9]" -e "^W[0-9]" "$OUT/bench_dora.log" | tail -n 6
 exit $(( tests_rc != 0 || bench_rc != 0 || generate_rc != 0 || optim_rc != 0 || train_rc != 0 || attention_rc != 0 \
-  || remat_rc != 0 || moe_rc != 0 ))
+  || remat_rc != 0 || moe_rc != 0 || dora_rc != 0 ))

@@ -51,6 +51,9 @@ def get_config(arg: str | None = None):
     c = ml_collections.ConfigDict()
     c.seed = 0  # fixes the base init, adapters, data order and dropout
     c.model_path = ""  # a Hugging Face checkpoint directory; "" = the tiny random LLaMA below
+    # a PEFT adapter directory to start training from (its r, alpha, targets, rsLoRA and DoRA replace
+    # config.lora's; qlora_jax.checkpoints.load_peft_adapter); "" = fresh adapters
+    c.init_adapter = ""
     c.check_finite = True  # refuse a checkpoint tensor holding NaN/Inf (False: load it anyway)
     c.progress = True  # tqdm bar
 
@@ -82,6 +85,7 @@ def get_config(arg: str | None = None):
     c.lora.dropout = 0.05
     c.lora.targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     c.lora.use_rslora = False
+    c.lora.use_dora = False  # DoRA: a trained magnitude per output row (PEFT's use_dora)
     c.lora.init = "default"  # default (PEFT kaiming-uniform A) | gaussian
     c.lora.dtype = "float32"  # adapter parameters: float32 | bfloat16
 

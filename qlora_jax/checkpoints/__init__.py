@@ -12,7 +12,7 @@ from qlora_jax.checkpoints.hf import (
     read_config,
     save_pretrained_4bit,
 )
-from qlora_jax.checkpoints.peft import export_peft_adapter
+from qlora_jax.checkpoints.peft import export_peft_adapter, load_peft_adapter
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -22,6 +22,7 @@ __all__ = [
     "export_hf",
     "export_peft_adapter",
     "export_quantized",
+    "load_peft_adapter",
     "load_pretrained",
     "open_gguf",
     "pretrained_model",

@@ -43,6 +43,8 @@ from qlora_jax.nn.lora import (
     LORA_LEAVES,
     LoRAConfig,
     QuantConfig,
+    dense_weight,
+    dora_norm,
     hf_module_name,
     init_lora_a,
     init_lora_b,
@@ -377,7 +379,7 @@ def load_pretrained(
         report_quantization_outliers(errors)
     variables = {"base": frozen}
     if "params" in abstract:
-        variables["params"] = _init_adapters(abstract["params"], lora, seed)
+        variables["params"] = _init_adapters(abstract["params"], lora, seed, frozen)
     return model, variables
 
 
@@ -581,8 +583,11 @@ def report_quantization_outliers(errors: dict[str, dict], ratio: float = QUANT_E
     return flagged
 
 
-def _init_adapters(abstract_params: dict, lora: LoRAConfig, seed: int) -> dict:
+def _init_adapters(abstract_params: dict, lora: LoRAConfig, seed: int, base: dict) -> dict:
+    """Fresh adapters for the loaded ``base`` (same layout): A random, B zero, and DoRA's
+    magnitudes the rows' norms of the base weights they scale."""
     flat = traverse_util.flatten_dict(abstract_params)
+    flat_base = traverse_util.flatten_dict(base)
     keys = jax.random.split(jax.random.key(seed), len(flat))
     out = {}
     for key, (path, leaf) in zip(keys, sorted(flat.items()), strict=True):
@@ -590,9 +595,16 @@ def _init_adapters(abstract_params: dict, lora: LoRAConfig, seed: int) -> dict:
             raise ValueError(f"unexpected trainable parameter {'.'.join(path)}")
         if path[-1] == "lora_a":
             out[path] = init_lora_a(key, leaf.shape, lora.init, lora.dtype)
-        else:
+        elif path[-1] == "lora_b":
             out[path] = init_lora_b(leaf.shape, lora.dtype)
+        else:  # the magnitude, where the base weight lives (sharded alike: its rows)
+            out[path] = _row_norms(flat_base[(*path[:-1], "kernel")]).astype(lora.dtype)
     return traverse_util.unflatten_dict(out)
+
+
+@jax.jit
+def _row_norms(kernel) -> jax.Array:
+    return dora_norm(dense_weight(kernel))
 
 
 def save_pretrained_4bit(path, config_raw: dict, frozen: dict, compute_dtype: str = "bfloat16") -> None:
@@ -655,7 +667,8 @@ def hf_tensors(frozen: dict, dtype, params: dict | None = None, lora: LoRAConfig
     for p, v in traverse_util.flatten_dict(unstack_experts(unstack_layers(frozen))).items():
         if p[-1] == "kernel" and p[0] != "lm_head" and (*p[:-1], "lora_a") in flat_params:
             a, b = flat_params[(*p[:-1], "lora_a")], flat_params[(*p[:-1], "lora_b")]
-            w = merged_weight(v, a, b, lora.scale).astype(jnp.float32)
+            m = flat_params.get((*p[:-1], "lora_magnitude"))  # DoRA
+            w = merged_weight(v, a, b, lora.scale, magnitude=m).astype(jnp.float32)
         elif isinstance(v, quant.QuantizedTensor):
             w = quant.dequantize(v, jnp.float32)
         else:

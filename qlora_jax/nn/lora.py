@@ -2,7 +2,14 @@
 
     y = x W^T + b + s · dropout(x) A^T B^T,   s = alpha / r   (rsLoRA: alpha / sqrt(r))
 
-as PEFT defines LoRA (``peft/tuners/lora/layer.py``). ``W`` is stored in torch's ``[out, in]``
+as PEFT defines LoRA (``peft/tuners/lora/layer.py``). DoRA (``use_dora``, PEFT's
+``DoraLinearLayer``) adds a trainable magnitude ``m [out]`` and rescales each output row by
+``g = m / ||W + s B A||_row``, the norm over the input dimension detached from the gradient:
+
+    y = x W^T + b + (g - 1) · dropout(x) W^T + g · s · dropout(x) A^T B^T
+
+(with dropout off: ``y = g · (x W^T + s x A^T B^T) + b``); ``m`` starts at ``||W||_row``, so a
+fresh DoRA adapter is a no-op too. ``W`` is stored in torch's ``[out, in]``
 layout — a :class:`~qlora_jax.quant.QuantizedTensor` (NF4/FP4/int4, ± double quant) or, for the
 16-bit LoRA baseline, a plain array — in the non-trainable ``"base"`` collection with the
 optional bias. Only ``lora_a [r, in]`` and ``lora_b [out, r]`` live in ``"params"``, so
@@ -33,7 +40,7 @@ from qlora_jax import kernels, parallel, quant
 LINEAR_OUTPUT = "linear_out"
 
 Array = jax.Array
-LORA_LEAVES = ("lora_a", "lora_b")
+LORA_LEAVES = ("lora_a", "lora_b", "lora_magnitude")
 
 
 def module_matches(module: str, patterns: tuple[str, ...]) -> bool:
@@ -106,6 +113,7 @@ class LoRAConfig:
     use_rslora: bool = False  # scale alpha / sqrt(r) instead of alpha / r
     init: str = "default"  # "default": A ~ U(±1/sqrt(in)); "gaussian": A ~ N(0, 1/r). B = 0 either way.
     dtype: Any = jnp.float32  # adapter parameter dtype (fp32 or bf16)
+    use_dora: bool = False  # use_dora: a magnitude per output row (module docstring)
 
     def __post_init__(self):
         # a tuple, so the config (and the modules holding it) stay hashable for jit
@@ -142,6 +150,26 @@ def init_lora_a(key: Array, shape: tuple[int, ...], init: str, dtype) -> Array:
 def init_lora_b(shape: tuple[int, ...], dtype) -> Array:
     """``lora_b [..., out, r]``: zeros, so a fresh adapter is an exact no-op."""
     return jnp.zeros(shape, dtype)
+
+
+def dense_weight(kernel, dtype=jnp.float32) -> Array:
+    """A frozen kernel ``[..., out, in]`` (QuantizedTensor or array; leading axes: stacked layers)
+    as a dense array in ``dtype``."""
+    if not quant.is_quantized(kernel):
+        return jnp.asarray(kernel).astype(dtype)
+    fn = lambda q: quant.dequantize(q, dtype)  # noqa: E731
+    for _ in range(kernel.packed.ndim - 1):
+        fn = jax.vmap(fn)
+    return fn(kernel)
+
+
+def dora_norm(w: Array, lora_a: Array | None = None, lora_b: Array | None = None, scale: float = 0.0) -> Array:
+    """``||W + s B A||`` over the input dimension, per output row, in float32 (``[..., out]``),
+    detached from the gradient as PEFT detaches it (``DoraLinearLayer.get_weight_norm``)."""
+    w = jnp.asarray(w, jnp.float32)
+    if lora_a is not None:
+        w = w + scale * jnp.matmul(lora_b.astype(jnp.float32), lora_a.astype(jnp.float32))
+    return jax.lax.stop_gradient(jnp.linalg.norm(w, axis=-1))
 
 
 class LoRADense(nn.Module):
@@ -191,18 +219,33 @@ class LoRADense(nn.Module):
             y = jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32).astype(
                 self.dtype
             )
+        bias = None
         if self.use_bias:
             bias = self.variable("base", "bias", lambda: jnp.zeros((self.features,), self.dtype)).value
-            y = y + bias.astype(self.dtype)
-        if self.lora is not None and self.lora.rank > 0:
-            r, cfg = self.lora.rank, self.lora
-            a = self.param("lora_a", lambda k: init_lora_a(k, (r, in_features), cfg.init, cfg.dtype))
-            b = self.param("lora_b", lambda k: init_lora_b((self.features, r), cfg.dtype))
-            h = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)  # the adapter's input only
-            a, b = parallel.gather((a, b))  # adapters split over fsdp (config.sharding.params) too
-            h = _matmul_t(h, a.astype(self.dtype))  # [..., r]
-            h = _matmul_t(h, b.astype(self.dtype))  # [..., out]
-            y = y + (h.astype(jnp.float32) * cfg.scale).astype(self.dtype)
+        cfg = self.lora
+        if cfg is None or cfg.rank == 0:
+            return checkpoint_name(y if bias is None else y + bias.astype(self.dtype), LINEAR_OUTPUT)
+        r = cfg.rank
+        a = self.param("lora_a", lambda k: init_lora_a(k, (r, in_features), cfg.init, cfg.dtype))
+        b = self.param("lora_b", lambda k: init_lora_b((self.features, r), cfg.dtype))
+        dropped = cfg.dropout > 0 and not deterministic
+        h = nn.Dropout(cfg.dropout)(x, deterministic=not dropped)  # the adapter's input only
+        a, b = parallel.gather((a, b))  # adapters split over fsdp (config.sharding.params) too
+        lora_out = _matmul_t(_matmul_t(h, a.astype(self.dtype)), b.astype(self.dtype))  # [..., out]
+        if not cfg.use_dora:
+            y = y if bias is None else y + bias.astype(self.dtype)
+            y = y + (lora_out.astype(jnp.float32) * cfg.scale).astype(self.dtype)
+            return checkpoint_name(y, LINEAR_OUTPUT)
+        w = dense_weight(kernel)  # float32 [out, in]: the norm needs the whole weight
+        m = self.param("lora_magnitude", lambda _: dora_norm(w).astype(cfg.dtype))
+        g = parallel.gather(m).astype(jnp.float32) / dora_norm(w, a, b, cfg.scale)  # [out]
+        base, delta = y.astype(jnp.float32), cfg.scale * lora_out.astype(jnp.float32)
+        if dropped:  # as PEFT: the rescaling of the base acts on the dropped-out input
+            base_d = _matmul_t(h, w.astype(self.dtype)).astype(jnp.float32)
+            out = base + (g - 1) * base_d + g * delta
+        else:
+            out = g * (base + delta)
+        y = (out if bias is None else out + bias.astype(jnp.float32)).astype(self.dtype)
         return checkpoint_name(y, LINEAR_OUTPUT)
 
 
@@ -284,16 +327,26 @@ def check_trainable(params: dict) -> None:
 
 
 def merged_weight(
-    kernel, lora_a: Array, lora_b: Array, scale: float, *, requantize: QuantConfig | None = None
+    kernel,
+    lora_a: Array,
+    lora_b: Array,
+    scale: float,
+    *,
+    requantize: QuantConfig | None = None,
+    magnitude: Array | None = None,
 ) -> Array | tuple[quant.QuantizedTensor, dict]:
-    """``dequant(W) + scale · B @ A`` in bf16 ``[out, in]`` — the adapter folded into the base.
+    """``dequant(W) + scale · B @ A`` in bf16 ``[out, in]`` — the adapter folded into the base;
+    with a DoRA ``magnitude`` ``[out]``, that times ``m / ||W + s B A||_row``.
 
     With ``requantize`` the merged weight is quantized again (lossy, as PEFT warns) and returned
     with its error: ``(qt, {"max_abs_err", "rel_fro_err"})`` measured against the bf16 merge.
     """
     base = quant.dequantize(kernel, jnp.float32) if isinstance(kernel, quant.QuantizedTensor) else kernel
     delta = jnp.dot(lora_b.astype(jnp.float32), lora_a.astype(jnp.float32)) * scale
-    merged = (jnp.asarray(base, jnp.float32) + delta).astype(jnp.bfloat16)
+    merged = jnp.asarray(base, jnp.float32) + delta
+    if magnitude is not None:  # DoRA: each row of W + sBA rescaled to its magnitude
+        merged = merged * (magnitude.astype(jnp.float32) / jnp.linalg.norm(merged, axis=-1))[:, None]
+    merged = merged.astype(jnp.bfloat16)
     if requantize is None:
         return merged
     qt = requantize.quantize(merged, "merged_weight")

@@ -132,6 +132,9 @@ class ExpertLinear(nn.Module):
         y = _expert_matmul(x, w, group_sizes)
         if self.lora is not None and self.lora.rank > 0:
             r, cfg = self.lora.rank, self.lora
+            if cfg.use_dora:
+                raise ValueError(f"{self.name}: DoRA (LoRAConfig.use_dora) is not implemented for MoE experts; "
+                                 "leave the experts' linears out of the targets")  # fmt: skip
             a = self.param("lora_a", lambda k: init_lora_a(k, (e, r, inn), cfg.init, cfg.dtype))
             b = self.param("lora_b", lambda k: init_lora_b((e, out, r), cfg.dtype))
             a, b = parallel.gather((a, b))

@@ -16,6 +16,7 @@ verified checkpoints are :mod:`qlora_jax.train.workdir`'s.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import logging
@@ -33,9 +34,11 @@ from tqdm.auto import tqdm
 from qlora_jax import kernels, optim, parallel
 from qlora_jax.checkpoints import (
     gguf,
+    load_peft_adapter,
     load_pretrained,
     pretrained_model,
 )
+from qlora_jax.checkpoints.peft import read_peft_config
 from qlora_jax.data import (
     Batches,
     ByteTokenizer,
@@ -80,8 +83,36 @@ def _lora_config(config) -> LoRAConfig:
     c = config.lora
     return LoRAConfig(
         rank=c.rank, alpha=c.alpha, dropout=c.dropout, targets=tuple(c.targets), use_rslora=c.use_rslora,
-        init=c.init, dtype=jnp.dtype(c.dtype),
+        init=c.init, dtype=jnp.dtype(c.dtype), use_dora=c.use_dora,
     )  # fmt: skip
+
+
+# the adapter's own settings that config.init_adapter brings into config.lora (dropout, init and the
+# parameter dtype stay the run's: they are how it trains, not what the adapter is)
+_ADAPTER_KEYS = {"rank": "rank", "alpha": "alpha", "targets": "targets", "use_rslora": "use_rslora",
+                 "use_dora": "use_dora"}  # fmt: skip
+
+
+def with_init_adapter(config):
+    """``config`` with ``config.lora``'s rank, alpha, targets, rsLoRA and DoRA those of the PEFT
+    adapter ``config.init_adapter`` (a copy; logged where they change). Without one, ``config``."""
+    if not config.init_adapter:
+        return config
+    try:
+        lora, _ = read_peft_config(config.init_adapter)
+    except ValueError as e:
+        raise ConfigError("init_adapter", f"={config.init_adapter!r}: {e}") from None
+    config = copy.deepcopy(config)
+    for key, field in _ADAPTER_KEYS.items():
+        value, old = getattr(lora, field), config.lora[key]
+        if (list(old) if isinstance(old, tuple | list) else old) != (
+            list(value) if isinstance(value, tuple) else value
+        ):
+            logging.info("config.lora.%s=%r from the adapter %s (was %r)", key, value, config.init_adapter,
+                         config.lora[key])  # fmt: skip
+        with config.ignore_type():
+            config.lora[key] = value
+    return config
 
 
 def build_model(config):
@@ -123,11 +154,22 @@ def _variables(config, model, layout: StateLayout, shardings: TrainTree) -> dict
             remat=model.remat, impl=model.impl, scan_layers=model.scan_layers, check_finite=config.check_finite,
             progress=config.progress, sharding=shardings.params if trained_base else shardings.base,
         )  # fmt: skip
-        return variables
+        return _with_adapter(config, model, variables)
     # a random base is a toy: initialized on the host, then split. Eager on purpose: jax.jit(model.init)
     # takes 2.1 s instead of 5.5 s here, but XLA compiles the random normal init differently (ulps in
     # ~27 % of the weights), so every run and notebook result measured from this seed would change
-    return model.init(jax.random.key(config.seed), jnp.ones((1, 8), jnp.int32))
+    return _with_adapter(config, model, model.init(jax.random.key(config.seed), jnp.ones((1, 8), jnp.int32)))
+
+
+def _with_adapter(config, model, variables: dict) -> dict:
+    """The variables with ``config.init_adapter``'s adapters as their params (none: as they are)."""
+    if not config.init_adapter:
+        return variables
+    adapted, variables = load_peft_adapter(model, variables, config.init_adapter, dtype=model.lora.dtype)
+    if dataclasses.replace(adapted.lora, dropout=model.lora.dropout, init=model.lora.init) != model.lora:
+        raise ConfigError("init_adapter", f"={config.init_adapter!r}: its LoRA settings {adapted.lora} differ from "
+                                          f"config.lora's {model.lora} (use with_init_adapter)")  # fmt: skip
+    return variables
 
 
 @dataclasses.dataclass
@@ -385,6 +427,7 @@ def train_and_evaluate(config, workdir) -> dict:
     a shared ``workdir``; only process 0 takes the lock and writes logs, samples and exports.
     """
     validate_config(config)
+    config = with_init_adapter(config)
     workdir = pathlib.Path(workdir)
     chief = _is_chief()
     with WorkdirLock(workdir) if chief else contextlib.nullcontext():

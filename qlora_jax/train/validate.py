@@ -137,6 +137,7 @@ def _mesh_axis(v):
 RULES: dict[str, Callable] = {
     "seed": _int(0),
     "model_path": _str,
+    "init_adapter": _str,
     "check_finite": _bool,
     "progress": _bool,
     "model.hidden_size": _int(1),
@@ -158,6 +159,7 @@ RULES: dict[str, Callable] = {
     "lora.dropout": _float(0.0, 1.0),
     "lora.targets": _names(ALL_LINEAR_NAMES, empty=False),
     "lora.use_rslora": _bool,
+    "lora.use_dora": _bool,
     "lora.init": _choice(("default", "gaussian")),
     "lora.dtype": _choice(("float32", "bfloat16")),
     "data.kind": _choice(("synthetic", "jsonl")),
@@ -238,6 +240,12 @@ def _cross_checks(c: dict) -> None:
             raise ConfigError("model_path", str(e)) from None
     elif not os.path.exists(c["model_path"]):
         raise ConfigError("model_path", f"={c['model_path']!r}: no such checkpoint directory or .gguf file")
+    if c["init_adapter"]:
+        if trainable != "lora":
+            raise ConfigError("init_adapter", f"starts LoRA adapters: needs train.trainable='lora' (got {trainable!r})")
+        if not os.path.isfile(os.path.join(c["init_adapter"], "adapter_config.json")):
+            raise ConfigError("init_adapter", f"={c['init_adapter']!r}: no PEFT adapter directory there "
+                                              "(adapter_config.json + adapter_model.safetensors)")  # fmt: skip
     if c["data.kind"] == "jsonl":
         if not c["data.path"]:
             raise ConfigError("data.path", "is required with data.kind='jsonl' (a JSONL file)")
@@ -273,7 +281,7 @@ def resumable(key: str) -> bool:
 
 # keys added after runs were saved, with the value that does what those runs did: absent from a
 # saved config and set to this value, a key is no change
-ADDED_KEYS = {"train.router_aux_loss_coef": 0.0}
+ADDED_KEYS = {"train.router_aux_loss_coef": 0.0, "init_adapter": "", "lora.use_dora": False}
 
 
 def changed_keys(old: Mapping, new: Mapping) -> list[tuple[str, object, object]]:
