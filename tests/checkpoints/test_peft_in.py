@@ -115,8 +115,9 @@ def test_our_dora_export_is_pefts_file(tmp_path):
     """PEFT's DoRA adapter read and written back: the same tensors, values and settings."""
     model, v = load_peft_adapter(*_base("mistral"), PEFT / "mistral_dora_r4")
     export_peft_adapter(tmp_path, v["params"], model.lora, None)
-    ours, theirs = load_file(tmp_path / "adapter_model.safetensors"), load_file(
-        PEFT / "mistral_dora_r4" / "adapter_model.safetensors"
+    ours, theirs = (
+        load_file(tmp_path / "adapter_model.safetensors"),
+        load_file(PEFT / "mistral_dora_r4" / "adapter_model.safetensors"),
     )
     assert ours.keys() == theirs.keys()
     for k in theirs:
@@ -141,7 +142,7 @@ def test_a_dora_merge_equals_the_adapted_model():
     merged = w + model.lora.scale * b @ a
     merged *= (m / np.linalg.norm(merged, axis=1))[:, None]
     got = tensors["model.layers.0.self_attn.q_proj.weight"]
-    assert np.abs(got - merged).max() <= 2 ** -8 * np.abs(merged).max()  # the merge is rounded to bf16
+    assert np.abs(got - merged).max() <= 2**-8 * np.abs(merged).max()  # the merge is rounded to bf16
     assert np.abs(w - merged).max() > 0.05 * np.abs(merged).max()
 
 
