@@ -86,7 +86,10 @@ def get_config(arg: str | None = None):
     c.lora.targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     c.lora.use_rslora = False
     c.lora.use_dora = False  # DoRA: a trained magnitude per output row (PEFT's use_dora)
-    c.lora.init = "default"  # default (PEFT kaiming-uniform A) | gaussian
+    # default (PEFT kaiming-uniform A) | gaussian | pissa | pissa_niter_<k> | olora | loftq: the last four
+    # split each target weight of model_path into a base and adapters (qlora_jax.nn.lora_init)
+    c.lora.init = "default"
+    c.lora.loftq_iter = 1  # LoftQ's alternations of NF4 quantization and rank-r SVD
     c.lora.dtype = "float32"  # adapter parameters: float32 | bfloat16
 
     c.data = ml_collections.ConfigDict()

@@ -50,6 +50,7 @@ from qlora_jax.nn.lora import (
     init_lora_b,
     merged_weight,
 )
+from qlora_jax.nn.lora_init import is_residual_init, reconstruction_error, residual_init
 from qlora_jax.nn.moe import is_expert_path
 
 # Buffers some transformers versions saved that are recomputed, not loaded.
@@ -319,6 +320,7 @@ def load_pretrained(
     report_quant_error: bool = True,
     mesh=None,
     sharding=None,
+    init_report: dict | None = None,
 ) -> tuple[LlamaForCausalLM, dict]:
     """Load a LLaMA/Mistral/Qwen2 checkpoint directory as ``(model, {"params", "base"})``.
 
@@ -329,7 +331,10 @@ def load_pretrained(
       quant: how to store the linear weights (None: unquantized in ``dtype``). For a
         bitsandbytes 4-bit checkpoint the stored bytes are used as they are; ``quant`` must then
         be None or agree with the checkpoint's type and double-quant setting.
-      lora: adapters to add (PEFT init: A uniform, B zero), or None.
+      lora: adapters to add (PEFT init: A uniform, B zero), or None. A residual ``lora.init``
+        (``"pissa"``, ``"pissa_niter_<k>"``, ``"olora"``, ``"loftq"``: :mod:`qlora_jax.nn.lora_init`)
+        splits each target weight as it is read into the base stored (quantized if ``quant``) and
+        the adapters; the median reconstruction error is logged.
       dtype: compute dtype; embeddings, norms and lm_head are kept in it.
       seed: for the adapter initialisation.
       remat, impl, scan_layers: passed to :class:`LlamaForCausalLM` (scanned layers: the
@@ -351,6 +356,8 @@ def load_pretrained(
         device holds it all.
       sharding: the base's NamedShardings (a tree of the scanned or unrolled layout this load
         makes), instead of ``mesh``'s rules.
+      init_report: a dict to fill, with a residual init, per target tensor name with
+        ``{"init": ||W - (base + sBA)|| / ||W||, "plain": the same of the base stored without it}``.
 
     Raises:
       ValueError naming the path, key or tensor: not a checkpoint, unsupported config, missing,
@@ -363,7 +370,11 @@ def load_pretrained(
     abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
     # tensors are named per layer in every format: read them against the unrolled layout
     unrolled = model.clone(scan_layers=False) if scan_layers else model
-    abstract_frozen = jax.eval_shape(unrolled.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["base"]
+    abstract_unrolled = jax.eval_shape(unrolled.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+    abstract_frozen = abstract_unrolled["base"]
+    residual = None
+    if lora is not None and lora.rank > 0 and is_residual_init(lora.init):
+        residual = _residual_plan(root, config, lora, prequant, abstract_unrolled["params"], seed)
 
     if sharding is None:  # a mesh of one device unless given one: every tensor whole on it
         mesh = mesh or jax.sharding.Mesh(np.array(jax.local_devices()[:1]), ("fsdp",))
@@ -371,16 +382,60 @@ def load_pretrained(
     errors: dict[str, dict] | None = {} if report_quant_error else None
     frozen = _load_frozen(
         tensors, abstract_frozen, abstract["base"], sharding, storage, prequant is not None, dtype, progress, root,
-        check_finite, errors, stack=scan_layers,
+        check_finite, errors, stack=scan_layers, residual=residual,
     )  # fmt: skip
+    if residual is not None:
+        _report_residual_init(lora, residual.errors)
+        if init_report is not None:
+            init_report.update(residual.errors)
     if hasattr(tensors, "bytes_read"):  # safetensors; a GGUF file is read whole
         logging.info("%s: this process read %.1f MiB of tensors", root, tensors.bytes_read / 2**20)
     if errors:
         report_quantization_outliers(errors)
     variables = {"base": frozen}
     if "params" in abstract:
-        variables["params"] = _init_adapters(abstract["params"], lora, seed, frozen)
+        variables["params"] = _init_adapters(abstract["params"], lora, seed, frozen, residual)
     return model, variables
+
+
+@dataclasses.dataclass
+class _Residual:
+    """A residual init (PiSSA, OLoRA, LoftQ) applied as the targets' weights are read."""
+
+    lora: LoRAConfig
+    targets: set  # checkpoint tensor names of the target linears' weights
+    key: jax.Array
+    adapters: dict = dataclasses.field(default_factory=dict)  # tensor name -> (A, B)
+    errors: dict = dataclasses.field(default_factory=dict)  # tensor name -> {"init": ..., "plain": ...}
+
+
+def _residual_plan(root, config, lora, prequant, abstract_params, seed) -> _Residual:
+    where = f"{root}: LoRAConfig.init={lora.init!r}"
+    if prequant is not None:
+        raise ValueError(f"{where} computes a residual of the full-precision weights; this checkpoint stores them "
+                         "in 4 bits already: load its 16-bit original")  # fmt: skip
+    if jax.process_count() > 1:
+        raise ValueError(f"{where} needs every target weight whole in one process; initialize once and save "
+                         "(export_quantized / export_hf with the adapters exported apart), then load that")  # fmt: skip
+    if lora.use_dora:
+        raise ValueError(f"{where} with use_dora is not implemented (the magnitude would start from the residual)")
+    flat = traverse_util.flatten_dict(abstract_params)
+    if any(is_expert_path(p, stacked=True) for p in flat):
+        raise ValueError(f"{where} is not implemented for MoE experts: leave them out of the targets")
+    del config
+    targets = {hf_tensor_name((*p[:-1], "kernel")) for p in flat if p[-1] == "lora_a"}
+    return _Residual(lora, targets, jax.random.key(seed))
+
+
+def _report_residual_init(lora, errors: dict) -> None:
+    """One log line: the median relative reconstruction error ``||W - (base + sBA)|| / ||W||`` over
+    the targets, against the base alone stored as it is stored (plain NF4, or exact in 16 bits)."""
+    if not errors:
+        return
+    init = np.median([e["init"] for e in errors.values()])
+    plain = np.median([e["plain"] for e in errors.values()])
+    logging.info("LoRAConfig.init=%r over %d target weights: median ||W - (base + sBA)|| / ||W|| = %.3g (the "
+                 "base stored without the init: %.3g)", lora.init, len(errors), init, plain)  # fmt: skip
 
 
 QUANT_ERROR_OUTLIER = 10.0  # a tensor quantizing this many times worse than the median is reported
@@ -443,7 +498,7 @@ def _layer_sharding(sharding):
 
 def _load_frozen(
     tensors, abstract_frozen, abstract_base, shardings, storage, prequant, dtype, progress, root, check_finite, errors,
-    stack,
+    stack, residual=None,
 ):  # fmt: skip
     """Read every tensor of ``abstract_frozen`` (the unrolled layout) into ``shardings`` (the base's
     layout: stacked when ``stack``), one tensor at a time (:mod:`qlora_jax.checkpoints.shards`)."""
@@ -498,7 +553,9 @@ def _load_frozen(
             )
         else:
             got = tensors.shape(name)
-            if tuple(got) == expected:
+            if tuple(got) == expected and residual is not None and name in residual.targets:
+                value = _read_residual(tensors, name, leaf, sharding, storage, dtype, check_finite, residual)
+            elif tuple(got) == expected:
                 if quant.is_quantized(leaf):  # (also a bitsandbytes checkpoint's unquantized experts)
                     array = shards.read_placed(tensors, name, expected, shards.row_sharding(sharding))
                     if check_finite:
@@ -583,9 +640,29 @@ def report_quantization_outliers(errors: dict[str, dict], ratio: float = QUANT_E
     return flagged
 
 
-def _init_adapters(abstract_params: dict, lora: LoRAConfig, seed: int, base: dict) -> dict:
+def _read_residual(tensors, name, leaf, sharding, storage, dtype, check_finite, residual: _Residual):
+    """A target weight read whole, split by the residual init into the base (stored as ``leaf``
+    says) and its adapters (kept in ``residual``)."""
+    row = shards.row_sharding(sharding) if quant.is_quantized(leaf) else sharding
+    w = shards.read_placed(tensors, name, tuple(leaf.shape), row, dtype=jnp.float32)
+    if check_finite:
+        _check_finite(w, name, tensors.where(name))
+    one = dataclasses.replace(storage, double_quant=leaf.double_quant) if quant.is_quantized(leaf) else None
+    key = jax.random.fold_in(residual.key, len(residual.adapters))
+    base, a, b = residual_init(w, residual.lora, one, key, name)
+    if one is not None:
+        value = shards.quantize_placed(base, one, sharding)
+        plain = reconstruction_error(w, one.quantize(w, name), a, 0 * b, 0.0)
+    else:
+        value, plain = jax.device_put(base.astype(leaf.dtype), sharding), 0.0
+    residual.adapters[name] = (a, b)
+    residual.errors[name] = {"init": reconstruction_error(w, value, a, b, residual.lora.scale), "plain": plain}
+    return value
+
+
+def _init_adapters(abstract_params: dict, lora: LoRAConfig, seed: int, base: dict, residual=None) -> dict:
     """Fresh adapters for the loaded ``base`` (same layout): A random, B zero, and DoRA's
-    magnitudes the rows' norms of the base weights they scale."""
+    magnitudes the rows' norms of the base weights they scale; a residual init's as it computed them."""
     flat = traverse_util.flatten_dict(abstract_params)
     flat_base = traverse_util.flatten_dict(base)
     keys = jax.random.split(jax.random.key(seed), len(flat))
@@ -593,7 +670,14 @@ def _init_adapters(abstract_params: dict, lora: LoRAConfig, seed: int, base: dic
     for key, (path, leaf) in zip(keys, sorted(flat.items()), strict=True):
         if path[-1] not in LORA_LEAVES:
             raise ValueError(f"unexpected trainable parameter {'.'.join(path)}")
-        if path[-1] == "lora_a":
+        if residual is not None and path[-1] in ("lora_a", "lora_b"):
+            i = 0 if path[-1] == "lora_a" else 1
+            if path[0] == "layers":  # scanned: [L, ...], one tensor per layer
+                names = [hf_tensor_name((f"layers_{n}", *path[1:-1], "kernel")) for n in range(leaf.shape[0])]
+                out[path] = jnp.stack([residual.adapters[n][i] for n in names]).astype(lora.dtype)
+            else:
+                out[path] = residual.adapters[hf_tensor_name((*path[:-1], "kernel"))][i].astype(lora.dtype)
+        elif path[-1] == "lora_a":
             out[path] = init_lora_a(key, leaf.shape, lora.init, lora.dtype)
         elif path[-1] == "lora_b":
             out[path] = init_lora_b(leaf.shape, lora.dtype)

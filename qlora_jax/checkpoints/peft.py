@@ -17,6 +17,7 @@ attention and shared-expert parts and silently drops the experts'.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import re
@@ -30,6 +31,7 @@ from safetensors.numpy import load_file, save_file
 
 from qlora_jax.nn.llama import stack_layers, stack_trees, unstack_experts, unstack_layers
 from qlora_jax.nn.lora import LoRAConfig
+from qlora_jax.nn.lora_init import convert_to_lora
 from qlora_jax.nn.moe import is_expert_path
 
 
@@ -41,8 +43,20 @@ def peft_tensor_name(path: tuple[str, ...]) -> str:
     return f"base_model.model.model.layers.{layer.split('_')[1]}.{'.'.join(modules)}.{kind}"
 
 
-def export_peft_adapter(path, params: dict, lora: LoRAConfig, base_model_name_or_path: str | None) -> None:
-    """Write the adapters ``params`` (scanned or unrolled layers) as a PEFT adapter directory."""
+def export_peft_adapter(
+    path, params: dict, lora: LoRAConfig, base_model_name_or_path: str | None, *, initial: dict | None = None
+) -> None:
+    """Write the adapters ``params`` (scanned or unrolled layers) as a PEFT adapter directory.
+
+    An adapter from a residual init (``lora.init`` PiSSA, OLoRA, LoftQ) belongs on its residual
+    base, and is written so (PEFT's ``init_lora_weights`` names the init). With ``initial``, the
+    adapters as that init made them, it is written instead as PEFT converts it to a plain LoRA on
+    the original weights (``path_initial_model_for_weight_conversion``): rank 2r,
+    ``[A ; A0]``, ``[B | -B0]``, alpha doubled (rsLoRA: times sqrt 2), ``init_lora_weights: true``."""
+    if initial is not None:
+        params = convert_to_lora(params, initial)
+        alpha = lora.alpha * (2**0.5 if lora.use_rslora else 2)
+        lora = dataclasses.replace(lora, rank=2 * lora.rank, alpha=alpha, init="default")
     root = pathlib.Path(path)
     root.mkdir(parents=True, exist_ok=True)
     flat = traverse_util.flatten_dict(unstack_experts(unstack_layers(params)))
@@ -60,7 +74,7 @@ def export_peft_adapter(path, params: dict, lora: LoRAConfig, base_model_name_or
         "bias": "none",
         "use_rslora": lora.use_rslora,
         "fan_in_fan_out": False,
-        "init_lora_weights": True if lora.init == "default" else "gaussian",
+        "init_lora_weights": {"default": True}.get(lora.init, lora.init),  # gaussian, pissa, olora, loftq
         "inference_mode": True,
         "modules_to_save": None,
         "use_dora": lora.use_dora,

@@ -34,6 +34,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from qlora_jax import kernels, parallel, quant
+from qlora_jax.nn.lora_init import is_residual_init
 
 # the name every LoRADense output carries, for remat policies that keep the linears' outputs
 # (qlora_jax.nn.llama.REMAT_POLICIES): qmatmul is a custom_vjp, which dots_saveable does not see
@@ -114,6 +115,7 @@ class LoRAConfig:
     init: str = "default"  # "default": A ~ U(±1/sqrt(in)); "gaussian": A ~ N(0, 1/r). B = 0 either way.
     dtype: Any = jnp.float32  # adapter parameter dtype (fp32 or bf16)
     use_dora: bool = False  # use_dora: a magnitude per output row (module docstring)
+    loftq_iter: int = 1  # LoftQ's alternations (init="loftq"; PEFT's loftq_config["loftq_iter"])
 
     def __post_init__(self):
         # a tuple, so the config (and the modules holding it) stay hashable for jit
@@ -125,8 +127,13 @@ class LoRAConfig:
             raise ValueError(f"LoRAConfig.rank must be >= 0; got {self.rank}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoRAConfig.dropout must be in [0, 1); got {self.dropout}")
-        if self.init not in ("default", "gaussian"):
-            raise ValueError(f"LoRAConfig.init must be 'default' or 'gaussian'; got {self.init!r}")
+        if self.init not in ("default", "gaussian") and not is_residual_init(self.init):
+            raise ValueError(
+                "LoRAConfig.init must be 'default', 'gaussian', 'pissa', 'pissa_niter_<k>', 'olora' or 'loftq'; "
+                f"got {self.init!r}"
+            )
+        if self.loftq_iter < 1:
+            raise ValueError(f"LoRAConfig.loftq_iter must be >= 1; got {self.loftq_iter}")
         if jnp.dtype(self.dtype).name not in ("float32", "bfloat16"):
             raise ValueError(f"LoRAConfig.dtype must be float32 or bfloat16; got {self.dtype}")
 

@@ -83,7 +83,7 @@ def _lora_config(config) -> LoRAConfig:
     c = config.lora
     return LoRAConfig(
         rank=c.rank, alpha=c.alpha, dropout=c.dropout, targets=tuple(c.targets), use_rslora=c.use_rslora,
-        init=c.init, dtype=jnp.dtype(c.dtype), use_dora=c.use_dora,
+        init=c.init, dtype=jnp.dtype(c.dtype), use_dora=c.use_dora, loftq_iter=c.loftq_iter,
     )  # fmt: skip
 
 

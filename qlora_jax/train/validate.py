@@ -22,6 +22,7 @@ from qlora_jax.data.jsonl import FORMATS
 from qlora_jax.data.synthetic import FAMILIES
 from qlora_jax.data.tokenizer import WHEEL_PREFIX
 from qlora_jax.nn.llama import ALL_LINEAR_NAMES, ATTENTION, REMAT_POLICIES
+from qlora_jax.nn.lora_init import is_residual_init
 from qlora_jax.nn.moe import MOE_DISPATCH
 from qlora_jax.parallel import MODES
 from qlora_jax.quant import blockwise, codebooks
@@ -129,6 +130,11 @@ def _names(allowed: tuple[str, ...] | None, *, empty: bool) -> Callable:
     return check
 
 
+def _lora_init(v):
+    if not isinstance(v, str) or not (v in ("default", "gaussian") or is_residual_init(v)):
+        return f"must be one of default, gaussian, pissa, pissa_niter_<k>, olora, loftq; got {v!r}"
+
+
 def _mesh_axis(v):
     if not _is_int(v) or (v < 1 and v != -1):
         return "must be an integer >= 1, or -1 (the devices left over)"
@@ -160,7 +166,8 @@ RULES: dict[str, Callable] = {
     "lora.targets": _names(ALL_LINEAR_NAMES, empty=False),
     "lora.use_rslora": _bool,
     "lora.use_dora": _bool,
-    "lora.init": _choice(("default", "gaussian")),
+    "lora.init": _lora_init,
+    "lora.loftq_iter": _int(1),
     "lora.dtype": _choice(("float32", "bfloat16")),
     "data.kind": _choice(("synthetic", "jsonl")),
     "data.path": _str,
@@ -240,6 +247,12 @@ def _cross_checks(c: dict) -> None:
             raise ConfigError("model_path", str(e)) from None
     elif not os.path.exists(c["model_path"]):
         raise ConfigError("model_path", f"={c['model_path']!r}: no such checkpoint directory or .gguf file")
+    if is_residual_init(c["lora.init"]) and not c["model_path"]:
+        raise ConfigError("lora.init", f"={c['lora.init']!r} starts from a checkpoint's weights: set model_path")
+    if c["lora.init"] == "loftq" and not c["quant.enabled"]:
+        raise ConfigError("lora.init", "='loftq' initializes against a quantized base: needs quant.enabled=True")
+    if is_residual_init(c["lora.init"]) and c["init_adapter"]:
+        raise ConfigError("lora.init", f"={c['lora.init']!r} and init_adapter both initialize the adapters: pick one")
     if c["init_adapter"]:
         if trainable != "lora":
             raise ConfigError("init_adapter", f"starts LoRA adapters: needs train.trainable='lora' (got {trainable!r})")
@@ -281,7 +294,7 @@ def resumable(key: str) -> bool:
 
 # keys added after runs were saved, with the value that does what those runs did: absent from a
 # saved config and set to this value, a key is no change
-ADDED_KEYS = {"train.router_aux_loss_coef": 0.0, "init_adapter": "", "lora.use_dora": False}
+ADDED_KEYS = {"train.router_aux_loss_coef": 0.0, "init_adapter": "", "lora.use_dora": False, "lora.loftq_iter": 1}
 
 
 def changed_keys(old: Mapping, new: Mapping) -> list[tuple[str, object, object]]:
