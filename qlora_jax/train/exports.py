@@ -16,14 +16,23 @@ def _save_tokenizer(tok, path) -> None:
         tok.save(path)
 
 
-def write_exports(config, out, model_cfg, tok, params_host, base, lora, quant) -> None:
+def write_exports(config, out, model_cfg, tok, params_host, base, lora, quant, initial=None) -> None:
     """Write the run's exports under ``out`` (process 0 calls it) from host copies of the trained
     ``params_host`` and, when an export needs it, of the ``base``; ``lora`` / ``quant`` are the
-    run's LoRAConfig and QuantConfig (None: 16-bit)."""
+    run's LoRAConfig and QuantConfig (None: 16-bit).
+
+    ``initial``: a residual init's adapters at step 0 (PiSSA, OLoRA, LoftQ). ``adapter`` is then
+    PEFT's conversion to a plain LoRA on ``model_path``'s own weights (rank 2r), and
+    ``adapter_residual`` the trained adapter itself, for the residual base (``merged`` and
+    ``quantized`` are built on it)."""
     full = config.train.trainable == "full"
     if full:  # the trained model itself: usable as another run's config.model_path
         export_hf(out / "model", model_cfg, params_host)
         _save_tokenizer(tok, out / "model")
+    elif initial is not None:
+        export_peft_adapter(out / "adapter", params_host, lora, config.model_path, initial=initial)
+        residual_base = str(out / "quantized") if config.export.quantized and quant is not None else None
+        export_peft_adapter(out / "adapter_residual", params_host, lora, residual_base)
     else:
         export_peft_adapter(out / "adapter", params_host, lora, config.model_path or str(out / "base"))
         if not config.model_path:

@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import traverse_util
+from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 
 from qlora_jax import kernels, optim, parallel
@@ -54,6 +56,7 @@ from qlora_jax.data import (
     tokenize,
 )
 from qlora_jax.nn import LlamaConfig, LlamaForCausalLM, LoRAConfig, QuantConfig, generate, merge_params, split_params
+from qlora_jax.nn.lora_init import is_residual_init
 from qlora_jax.optim import Optimizer, OptimizerConfig
 from qlora_jax.train.exports import write_exports
 from qlora_jax.train.metrics import MetricsWriter
@@ -86,6 +89,8 @@ def _lora_config(config) -> LoRAConfig:
         init=c.init, dtype=jnp.dtype(c.dtype), use_dora=c.use_dora, loftq_iter=c.loftq_iter,
     )  # fmt: skip
 
+
+INITIAL_ADAPTER = "initial_adapter.safetensors"  # a residual init's adapters at step 0 (PiSSA, OLoRA, LoftQ)
 
 # the adapter's own settings that config.init_adapter brings into config.lora (dropout, init and the
 # parameter dtype stay the run's: they are how it trains, not what the adapter is)
@@ -542,6 +547,9 @@ def _run(config, workdir: pathlib.Path, ckpt: Checkpoints, chief: bool) -> dict:
         jax.jit(make_eval_step(model, _collection(config))),
     )  # fmt: skip
 
+    if resume_step is None and chief and is_residual_init(config.lora.init):  # for the converted adapter export
+        flat = traverse_util.flatten_dict(parallel.to_host(state.params))
+        save_file({"/".join(k): np.asarray(v) for k, v in flat.items()}, str(workdir / INITIAL_ADAPTER))
     start, window = 0, None
     if resume_step is not None:
         state, meta = ckpt.restore(resume_step, jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
@@ -657,7 +665,12 @@ def _finish(run: _Run, state, last: dict, write_final: bool) -> dict:
                 for it, a in zip(run.data.generation, answers, strict=True):
                     f.write(json.dumps({"source": it.prompt, "target": it.target, "generated": a}) + "\n")
     if run.chief:
-        write_exports(config, workdir / "export", model_cfg, tok, params_host, base, lora, _quant_config(config))
+        initial = None
+        if is_residual_init(lora.init):  # the adapters as the init made them (saved when the run began)
+            initial = traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in
+                                                    load_file(workdir / INITIAL_ADAPTER).items()})  # fmt: skip
+        write_exports(config, workdir / "export", model_cfg, tok, params_host, base, lora, _quant_config(config),
+                      initial=initial)  # fmt: skip
         if write_final:
             (workdir / "final_metrics.json").write_text(json.dumps(last, indent=2) + "\n")
     return last

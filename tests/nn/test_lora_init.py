@@ -2,6 +2,8 @@
 reimplementations, PEFT 0.21's initializations and its conversion to plain LoRA
 (tests/fixtures/make_peft_in_fixtures.py), and what they do to a 4-bit base's error."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -224,3 +226,44 @@ def test_peft_names_hold_for_the_init_file():
     assert peft_tensor_name(("layers_1", "mlp", "up_proj", "lora_a")) == (
         "base_model.model.model.layers.1.mlp.up_proj.lora_A.weight"
     )
+
+
+@pytest.mark.slow
+def test_a_pissa_fine_tune_exports_a_plain_lora_for_the_original_weights(tmp_path):
+    """``--config.lora.init=pissa`` through the entry point (float32, 16-bit base): ``export/adapter``
+    (PEFT's conversion, rank 2r) on the original checkpoint computes what the trained model did —
+    its logits equal those of ``export/merged`` (residual base + trained adapter, merged, bf16) to
+    bf16 rounding, where dropping the initial adapters' subtraction is off by far more."""
+    import dataclasses
+
+    from finetune_cli import run
+
+    from qlora_jax.checkpoints import export_hf, read_config
+    from qlora_jax.data import ByteTokenizer
+    from qlora_jax.nn import LlamaForCausalLM
+
+    tok = ByteTokenizer()
+    cfg = dataclasses.replace(read_config(HF / "llama_gqa")[0], vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
+                              eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)  # fmt: skip
+    base = LlamaForCausalLM(cfg, dtype=jnp.float32).init(jax.random.key(0), jnp.ones((1, 4), jnp.int32))["base"]
+    export_hf(tmp_path / "ckpt", cfg, base)
+    tok.save(tmp_path / "ckpt")
+    run(tmp_path / "run", f"--config.model_path={tmp_path / 'ckpt'}", "--config.lora.init=pissa",
+        "--config.quant.enabled=False", "--config.train.dtype=float32", "--config.train.steps=3",
+        "--config.lora.dropout=0.0", "--config.export.merged=True")  # fmt: skip
+    export = tmp_path / "run" / "export"
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, tok.vocab_size, (2, 12)), jnp.int32)
+    model, v = load_peft_adapter(
+        *load_pretrained(tmp_path / "ckpt", quant=None, dtype=jnp.float32, progress=False), export / "adapter"
+    )
+    assert model.lora.rank == 2 * 16  # tiny.py's r=16, doubled by the conversion
+    merged_model, mv = load_pretrained(export / "merged", quant=None, dtype=jnp.float32, progress=False)
+    got, want = np.asarray(model.apply(v, ids)), np.asarray(merged_model.apply(mv, ids))
+    scale = np.abs(want).max()
+    assert np.abs(got - want).max() <= 2e-2 * scale
+    half = {p: x[..., : x.shape[-2] // 2, :] if p[-1] == "lora_a" else x[..., : x.shape[-1] // 2]
+            for p, x in traverse_util.flatten_dict(v["params"]).items()}  # fmt: skip
+    wrong = np.asarray(model.clone(lora=dataclasses.replace(model.lora, rank=16, alpha=model.lora.alpha / 2)).apply(
+        {**v, "params": traverse_util.unflatten_dict(half)}, ids))  # fmt: skip
+    assert np.abs(wrong - want).max() > 10 * np.abs(got - want).max()
+    assert json.loads((export / "adapter_residual" / "adapter_config.json").read_text())["init_lora_weights"] == "pissa"
