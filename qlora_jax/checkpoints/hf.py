@@ -153,6 +153,10 @@ _ARCHITECTURES = {
 }  # fmt: skip
 
 
+# the switches of the math that LlamaConfig.from_hf derives from model_type alone
+_MODEL_TYPE_FIELDS = ("qk_norm", "norm_unit_offset", "embed_scale", "sandwich_norms", "fused_projections", "qkv_bias")
+
+
 def config_to_hf(config: LlamaConfig, dtype: str = "float32") -> dict:
     """A transformers-5 ``config.json`` dict for ``config`` (``LlamaConfig.from_hf`` reads it back
     to ``config``)."""
@@ -205,8 +209,8 @@ def config_to_hf(config: LlamaConfig, dtype: str = "float32") -> dict:
         out["layer_types"] = list(config.layer_types)
     # a field its model_type fixes (Qwen3's qk_norm, Gemma's norm offset, ...) set otherwise would be
     # written as a checkpoint transformers, and our loader, compute differently from this model
-    back = dataclasses.replace(LlamaConfig.from_hf(out), head_dim=config.head_dim)
-    changed = [f.name for f in dataclasses.fields(config) if getattr(back, f.name) != getattr(config, f.name)]
+    back = LlamaConfig.from_hf(out)
+    changed = [k for k in _MODEL_TYPE_FIELDS if getattr(back, k) != getattr(config, k)]
     if changed:
         fields = ", ".join(f"{k}={getattr(config, k)!r} (model_type {config.model_type!r}: {getattr(back, k)!r})"
                            for k in changed)  # fmt: skip
@@ -682,12 +686,15 @@ def _init_adapters(abstract_params: dict, lora: LoRAConfig, seed: int, base: dic
         elif path[-1] == "lora_b":
             out[path] = init_lora_b(leaf.shape, lora.dtype)
         else:  # the magnitude, where the base weight lives (sharded alike: its rows)
-            out[path] = _row_norms(flat_base[(*path[:-1], "kernel")]).astype(lora.dtype)
+            out[path] = _row_norms(flat_base[(*path[:-1], "kernel")])  # float32: a bf16 m would not train
     return traverse_util.unflatten_dict(out)
 
 
 @jax.jit
 def _row_norms(kernel) -> jax.Array:
+    """Row norms of a (stacked) kernel, one layer's weight in float32 at a time."""
+    if (kernel.packed if quant.is_quantized(kernel) else kernel).ndim > (1 if quant.is_quantized(kernel) else 2):
+        return jax.lax.map(_row_norms, kernel)
     return dora_norm(dense_weight(kernel))
 
 

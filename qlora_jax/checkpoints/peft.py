@@ -26,10 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
-from qlora_jax.nn.llama import stack_layers, stack_trees, unstack_experts, unstack_layers
+from qlora_jax.nn.llama import stack_experts, stack_layers, unstack_experts, unstack_layers
 from qlora_jax.nn.lora import LoRAConfig
 from qlora_jax.nn.lora_init import convert_to_lora
 from qlora_jax.nn.moe import is_expert_path
@@ -88,12 +88,18 @@ _METADATA = {
     "peft_version", "megatron_core", "qalora_group_size", "lora_dropout", "init_lora_weights", "r", "lora_alpha",
     "target_modules", "use_rslora", "use_dora", "bias", "fan_in_fan_out", "loftq_config",
 }  # fmt: skip
+# how an adapter was made, once it is a plain LoRA on the base (converted CorDA / LoRA-GA, EVA's data-driven
+# A) or which modules PEFT looked at (exclude_modules, layers_pattern without layers_to_transform): the
+# file's tensors say what it computes
+_DESCRIPTIVE = {"corda_config", "lora_ga_config", "eva_config", "exclude_modules", "layers_pattern",
+                "ensure_weight_tying", "rank_pattern", "alpha_pattern"}  # fmt: skip
 # what an adapter that did not start from a plain LoRA init needs: a base other than the checkpoint's
 _RESIDUAL_INITS = {
     "pissa": "PiSSA's residual base (W minus its principal components)",
     "olora": "OLoRA's residual base (W minus Q R's rank-r part)",
     "corda": "CorDA's residual base",
     "loftq": "LoftQ's base (W minus its low-rank part, quantized)",
+    "lora_ga": "LoRA-GA's residual base",
 }
 _PEFT_LEAVES = {"lora_A.weight": "lora_a", "lora_B.weight": "lora_b", "lora_magnitude_vector": "lora_magnitude"}
 _NAME = re.compile(
@@ -101,11 +107,26 @@ _NAME = re.compile(
 )
 
 
+def _adapted_modules(file: pathlib.Path) -> tuple[str, ...]:
+    """The linears (last name component) an adapter file has tensors for, from its header."""
+    if not file.is_file():
+        raise FileNotFoundError(f"{file.parent}: no adapter_model.safetensors (PEFT's adapter weights)")
+    try:
+        with safe_open(file, "np") as f:
+            names = list(f.keys())
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
+    modules = {m.group(2).split(".")[-1] for m in map(_NAME.fullmatch, names) if m}
+    if not modules:
+        raise ValueError(f"{file}: holds no decoder linear's LoRA tensors")
+    return tuple(sorted(modules))
+
+
 def read_peft_config(adapter_dir) -> tuple[LoRAConfig, dict]:
     """``(LoRAConfig, raw dict)`` of a PEFT adapter directory's ``adapter_config.json``; a field
     that changes what the adapter computes and that we do not implement is refused by name.
-    ``targets`` are PEFT's ``target_modules`` (a list; a regex string is resolved from the tensors
-    by :func:`load_peft_adapter`)."""
+    ``targets`` are the linears the file holds adapters of (whatever ``target_modules`` says: a
+    list, dotted suffixes, a regex, names this model does not have)."""
     path = pathlib.Path(adapter_dir) / "adapter_config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{adapter_dir}: no adapter_config.json (a PEFT adapter directory has it)")
@@ -113,56 +134,46 @@ def read_peft_config(adapter_dir) -> tuple[LoRAConfig, dict]:
     if raw.get("peft_type") != "LORA":
         raise ValueError(f"{path}: peft_type {raw.get('peft_type')!r}; only LORA adapters can be read")
     init = raw.get("init_lora_weights", True)
-    kind = init.split("_")[0] if isinstance(init, str) else None
+    kind = init.lower() if isinstance(init, str) else None  # PEFT reads "OLoRA" too
+    kind = "pissa" if kind and kind.startswith("pissa") else kind
     if kind in _RESIDUAL_INITS:
         raise ValueError(
             f"{path}: init_lora_weights={init!r}: this adapter was trained on {_RESIDUAL_INITS[kind]}, not on the "
             "checkpoint's weights. Convert it to a plain LoRA adapter first (PEFT: save_pretrained(..., "
             "path_initial_model_for_weight_conversion=...)), which writes init_lora_weights=true"
         )
+    if kind == "mica":  # B trained with A frozen: our adapters train both
+        raise ValueError(f"{path}: init_lora_weights={init!r}: MiCA trains B alone, which our LoRA does not")
+    r, alpha = raw.get("r"), raw.get("lora_alpha")
+    if not isinstance(r, int) or r < 1 or not isinstance(alpha, int | float):
+        raise ValueError(
+            f"{path}: r={r!r}, lora_alpha={alpha!r}: a LoRA adapter has an integer r >= 1 and a number alpha"
+        )
     refused = {
-        "bias": raw.get("bias", "none") != "none",
+        "bias": raw.get("bias") not in ("none", None),
         "fan_in_fan_out": bool(raw.get("fan_in_fan_out")),
         "loftq_config": bool(raw.get("loftq_config")),
+        # one rank and alpha for every module: a pattern that repeats them changes nothing
+        "rank_pattern": any(v != r for v in (raw.get("rank_pattern") or {}).values()),
+        "alpha_pattern": any(v != alpha for v in (raw.get("alpha_pattern") or {}).values()),
     }
-    refused |= {k: bool(v) for k, v in raw.items() if k not in _METADATA}  # rank_pattern, modules_to_save, ...
+    refused |= {k: bool(v) for k, v in raw.items() if k not in _METADATA | _DESCRIPTIVE}  # modules_to_save, ...
     bad = sorted(k for k, on in refused.items() if on)
     if bad:
         raise ValueError(
             f"{path}: {', '.join(f'{k}={raw[k]!r}' for k in bad)}: not expressible as our LoRA (one rank, alpha and "
             "target set for every layer, adapters on the decoder linears only)"
         )
-    targets = raw.get("target_modules")
     lora = LoRAConfig(
-        rank=int(raw["r"]),
-        alpha=float(raw["lora_alpha"]),
+        rank=r,
+        alpha=float(alpha),
         dropout=float(raw.get("lora_dropout", 0.0)),
-        targets=tuple(sorted(targets)) if isinstance(targets, list) and targets else ("q_proj",),
+        targets=_adapted_modules(pathlib.Path(adapter_dir) / "adapter_model.safetensors"),
         use_rslora=bool(raw.get("use_rslora", False)),
         init="gaussian" if init == "gaussian" else "default",
         use_dora=bool(raw.get("use_dora", False)),
     )
     return lora, raw
-
-
-def _stack_experts(flat: dict) -> dict:
-    """Per-expert leaves ``(..., "experts", "3", "gate_proj", "lora_a")`` -> one stacked ``[E, ...]``
-    leaf per linear (:func:`qlora_jax.nn.llama.unstack_experts`'s inverse)."""
-    out, groups = {}, {}
-    for path, v in flat.items():
-        if is_expert_path(path, stacked=False):
-            *head, e, linear, leaf = path
-            groups.setdefault((*head, linear, leaf), {})[int(e)] = v
-        else:
-            out[path] = v
-    for path, by_expert in groups.items():
-        n = max(by_expert) + 1
-        missing = sorted(set(range(n)) - set(by_expert))
-        if missing:
-            *head, linear, leaf = path
-            raise ValueError(f"adapter has no {leaf} for experts {missing} of {'.'.join(head)}.{linear}")
-        out[path] = stack_trees([by_expert[e] for e in range(n)], what="experts")
-    return out
 
 
 def load_peft_adapter(model, variables: dict, adapter_dir, *, dtype=jnp.float32):
@@ -177,7 +188,7 @@ def load_peft_adapter(model, variables: dict, adapter_dir, *, dtype=jnp.float32)
     tensor, a wrong shape, a non-finite value. ``dtype``: the adapter parameters' (float32 or
     bfloat16, ``LoRAConfig.dtype``)."""
     root = pathlib.Path(adapter_dir)
-    lora, raw = read_peft_config(root)
+    lora, _ = read_peft_config(root)
     file = root / "adapter_model.safetensors"
     if not file.is_file():
         raise FileNotFoundError(f"{root}: no adapter_model.safetensors (PEFT's adapter weights)")
@@ -196,10 +207,6 @@ def load_peft_adapter(model, variables: dict, adapter_dir, *, dtype=jnp.float32)
         layer, module, kind = m.groups()
         flat[(f"layers_{layer}", *module.split("."), _PEFT_LEAVES[kind])] = x
         modules.add(module.split(".")[-1])
-    cfg_targets = raw.get("target_modules")
-    if isinstance(cfg_targets, list) and cfg_targets and set(cfg_targets) != modules:
-        raise ValueError(f"{file}: holds adapters of {sorted(modules)}; its config's target_modules are "
-                         f"{sorted(cfg_targets)}")  # fmt: skip
     lora = LoRAConfig(**{**lora.__dict__, "targets": tuple(sorted(modules)), "dtype": dtype})
     unknown = sorted(set(lora.targets) - set(model.config.linear_names))
     if unknown:
@@ -225,7 +232,9 @@ def load_peft_adapter(model, variables: dict, adapter_dir, *, dtype=jnp.float32)
                              f"{list(want[path].shape)} (r={lora.rank})")  # fmt: skip
         if not np.isfinite(x).all():
             raise ValueError(f"{file}: tensor {name!r} has {int((~np.isfinite(x)).sum())} non-finite values")
-    params = traverse_util.unflatten_dict(_stack_experts({p: jnp.asarray(x, dtype) for p, x in flat.items()}))
+    # a DoRA magnitude stays float32 (qlora_jax.nn.lora: a bf16 one would not train)
+    cast = {p: jnp.asarray(x, jnp.float32 if p[-1] == "lora_magnitude" else dtype) for p, x in flat.items()}
+    params = stack_experts(traverse_util.unflatten_dict(cast))
     if model.scan_layers:
         params = stack_layers(params)
     return adapted, {**variables, "params": params}

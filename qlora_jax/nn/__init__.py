@@ -12,6 +12,7 @@ from qlora_jax.nn.lora import (
     merged_weight,
     split_params,
 )
+from qlora_jax.nn.merge import merge_adapters
 from qlora_jax.nn.presets import PRESETS, model_config, preset
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "check_trainable",
     "generate",
     "init_cache",
+    "merge_adapters",
     "merge_params",
     "merged_weight",
     "model_config",

@@ -872,6 +872,25 @@ def unstack_experts(tree: dict) -> dict:
     return traverse_util.unflatten_dict(out)
 
 
+def stack_experts(tree: dict) -> dict:
+    """The inverse of :func:`unstack_experts`: ``experts.{e}.gate_proj.kernel`` subtrees (experts
+    0..E-1, alike) stacked into ``experts.gate_proj.kernel`` ``[E, ...]``."""
+    out, groups = {}, {}
+    for path, v in traverse_util.flatten_dict(tree).items():
+        if moe.is_expert_path(path, stacked=False):
+            *head, e, linear, leaf = path
+            groups.setdefault((*head, linear, leaf), {})[int(e)] = v
+        else:
+            out[path] = v
+    for path, by_expert in groups.items():
+        missing = sorted(set(range(max(by_expert) + 1)) - set(by_expert))
+        if missing:
+            *head, linear, leaf = path
+            raise ValueError(f"no {leaf} for experts {missing} of {'.'.join(head)}.{linear}")
+        out[path] = stack_trees([by_expert[e] for e in sorted(by_expert)], what="experts")
+    return traverse_util.unflatten_dict(out)
+
+
 def stack_layers(tree: dict) -> dict:
     """The inverse of :func:`unstack_layers`: ``layers_{i}`` subtrees (identical structure and
     storage) stacked along a new leading axis under ``layers``."""

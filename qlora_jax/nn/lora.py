@@ -244,7 +244,8 @@ class LoRADense(nn.Module):
             y = y + (lora_out.astype(jnp.float32) * cfg.scale).astype(self.dtype)
             return checkpoint_name(y, LINEAR_OUTPUT)
         w = dense_weight(kernel)  # float32 [out, in]: the norm needs the whole weight
-        m = self.param("lora_magnitude", lambda _: dora_norm(w).astype(cfg.dtype))
+        # float32 whatever cfg.dtype: m ~ ||W_row|| changes by ~lr a step, below a bf16 ulp of it
+        m = self.param("lora_magnitude", lambda _: dora_norm(w))
         g = parallel.gather(m).astype(jnp.float32) / dora_norm(w, a, b, cfg.scale)  # [out]
         base, delta = y.astype(jnp.float32), cfg.scale * lora_out.astype(jnp.float32)
         if dropped:  # as PEFT: the rescaling of the base acts on the dropped-out input

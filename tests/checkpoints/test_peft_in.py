@@ -166,7 +166,11 @@ def _edit_config(d, **changes):
         (dict(init_lora_weights="olora"), "OLoRA's residual base"),
         (dict(init_lora_weights="loftq"), "LoftQ's base"),
         (dict(peft_type="IA3"), "only LORA adapters"),
-        (dict(target_modules=["q_proj", "v_proj"]), "holds adapters of ['down_proj', 'q_proj', 'v_proj']"),
+        (dict(init_lora_weights="OLoRA"), "OLoRA's residual base"),  # PEFT reads it case-insensitively
+        (dict(init_lora_weights="lora_ga"), "LoRA-GA's residual base"),
+        (dict(init_lora_weights="mica"), "MiCA trains B alone"),
+        (dict(rank_pattern={"q_proj": 8, "v_proj": 4}), "rank_pattern"),
+        (dict(r=None), "r=None, lora_alpha=16"),
         (dict(some_future_field=3), "some_future_field=3"),
     ],
 )
@@ -176,6 +180,36 @@ def test_settings_we_cannot_express_are_refused_by_name(tmp_path, changes, named
     with pytest.raises(ValueError, match=named.replace("[", r"\[").replace("(", r"\(")) as e:
         load_peft_adapter(*_base("llama_gqa"), d)
     assert str(d) in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        dict(target_modules=r".*\.(q_proj|v_proj|down_proj)"),  # a regex: the tensors say which
+        dict(target_modules=["self_attn.q_proj", "self_attn.v_proj", "down_proj", "o_proj"]),  # o_proj: none
+        dict(exclude_modules=["lm_head"], layers_pattern="layers", ensure_weight_tying=True, bias=None),
+        dict(rank_pattern={"q_proj": 8}, alpha_pattern={"v_proj": 16}),  # the adapter's own r and alpha
+        dict(corda_config={"corda_method": "ipm"}, eva_config={"rho": 2.0}),  # converted / data-driven A
+    ],
+    ids=["regex", "suffixes", "descriptive", "patterns", "made-by"],
+)
+def test_settings_that_change_nothing_are_read(tmp_path, changes):
+    d = _copy(tmp_path)
+    _edit_config(d, **changes)
+    model, v = load_peft_adapter(*_base("llama_gqa"), d)
+    assert model.lora.targets == ("down_proj", "q_proj", "v_proj") and model.lora.rank == 8
+    ref = dict(np.load(PEFT / "llama_gqa_rslora_r8" / "reference.npz"))
+    real = ref["attention_mask"].astype(bool)
+    assert np.abs(_logits(model, v, ref) - ref["logits"])[real].max() <= 1e-4 * np.abs(ref["logits"][real]).max()
+
+
+def test_a_dora_magnitude_stays_float32_with_bf16_adapters():
+    """m ~ ||W_row|| ~ 1 moves by ~lr a step, below a bf16 ulp there: kept in float32."""
+    lora = LoRAConfig(rank=4, dropout=0.0, use_dora=True, dtype=jnp.bfloat16)
+    _, v = load_pretrained(HF / "qwen3", quant=QuantConfig(), lora=lora, progress=False)
+    leaves = traverse_util.flatten_dict(v["params"])
+    assert {x.dtype for p, x in leaves.items() if p[-1] == "lora_magnitude"} == {jnp.dtype(jnp.float32)}
+    assert {x.dtype for p, x in leaves.items() if p[-1] != "lora_magnitude"} == {jnp.dtype(jnp.bfloat16)}
 
 
 def _edit_tensors(d, fn):
