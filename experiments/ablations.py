@@ -24,7 +24,7 @@ import shutil
 
 import numpy as np
 
-from experiments.configs import tiny, tiny_pretrain
+from experiments.configs import smollm2, tiny, tiny_pretrain
 from qlora_jax.train.train_lib import train_and_evaluate
 
 FAST = os.environ.get("QLORA_NOTEBOOK_FAST", "") == "1"
@@ -45,7 +45,7 @@ def _spec(config) -> str:
     """What identifies a run: its config, with the base named relative to the repo (a moved
     checkout keeps its cache) and, for a base of ours, that base's own spec: a retrained pre-step
     reruns everything built on it."""
-    if not config.model_path:
+    if not config.model_path or config.model_path.startswith("wheel:"):  # a packaged model: the name says it
         return config.to_json(sort_keys=True)
     spec = json.loads(config.to_json(sort_keys=True))
     base = pathlib.Path(spec["model_path"])
@@ -100,6 +100,23 @@ def finetune_config(overrides: dict | None = None):
     c.lock()  # as on the command line, a misspelled key is an error, not a new field
     c.update_from_flattened_dict(overrides or {})
     return c
+
+
+def default_model_config(overrides: dict | None = None):
+    """The default fine-tune (``configs/smollm2.py``: SmolLM2-135M-Instruct, NF4 + DQ, chat-formatted
+    synthetic tasks, 80 steps); in fast mode :func:`finetune_config`'s tiny base instead, a few steps."""
+    if FAST:
+        return finetune_config(overrides)
+    c = smollm2.get_config()
+    c.progress = False
+    c.lock()
+    c.update_from_flattened_dict(overrides or {})
+    return c
+
+
+def run(config, name: str) -> list[dict]:
+    """Train (or read back) ``config`` as the run ``name`` under :data:`RUNS`; its metrics rows."""
+    return _run(config, RUNS / name)
 
 
 def finetune(name: str, overrides: dict | None = None) -> list[dict]:

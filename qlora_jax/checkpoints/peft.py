@@ -31,7 +31,7 @@ from safetensors.numpy import load_file, save_file
 
 from qlora_jax.nn.llama import stack_experts, stack_layers, unstack_experts, unstack_layers
 from qlora_jax.nn.lora import LoRAConfig
-from qlora_jax.nn.lora_init import convert_to_lora
+from qlora_jax.nn.lora_init import convert_to_lora, is_residual_init
 from qlora_jax.nn.moe import is_expert_path
 
 
@@ -122,7 +122,14 @@ def _adapted_modules(file: pathlib.Path) -> tuple[str, ...]:
     return tuple(sorted(modules))
 
 
-def read_peft_config(adapter_dir) -> tuple[LoRAConfig, dict]:
+def _lora_init(init, residual_base: bool) -> str:
+    """PEFT's ``init_lora_weights`` as ``LoRAConfig.init`` (how the adapter began, for a residual base)."""
+    if residual_base and isinstance(init, str) and is_residual_init(init.lower()):
+        return init.lower()
+    return "gaussian" if init == "gaussian" else "default"
+
+
+def read_peft_config(adapter_dir, *, residual_base: bool = False) -> tuple[LoRAConfig, dict]:
     """``(LoRAConfig, raw dict)`` of a PEFT adapter directory's ``adapter_config.json``; a field
     that changes what the adapter computes and that we do not implement is refused by name.
     ``targets`` are the linears the file holds adapters of (whatever ``target_modules`` says: a
@@ -136,7 +143,7 @@ def read_peft_config(adapter_dir) -> tuple[LoRAConfig, dict]:
     init = raw.get("init_lora_weights", True)
     kind = init.lower() if isinstance(init, str) else None  # PEFT reads "OLoRA" too
     kind = "pissa" if kind and kind.startswith("pissa") else kind
-    if kind in _RESIDUAL_INITS:
+    if kind in _RESIDUAL_INITS and not residual_base:
         raise ValueError(
             f"{path}: init_lora_weights={init!r}: this adapter was trained on {_RESIDUAL_INITS[kind]}, not on the "
             "checkpoint's weights. Convert it to a plain LoRA adapter first (PEFT: save_pretrained(..., "
@@ -170,13 +177,13 @@ def read_peft_config(adapter_dir) -> tuple[LoRAConfig, dict]:
         dropout=float(raw.get("lora_dropout", 0.0)),
         targets=_adapted_modules(pathlib.Path(adapter_dir) / "adapter_model.safetensors"),
         use_rslora=bool(raw.get("use_rslora", False)),
-        init="gaussian" if init == "gaussian" else "default",
+        init=_lora_init(init, residual_base),
         use_dora=bool(raw.get("use_dora", False)),
     )
     return lora, raw
 
 
-def load_peft_adapter(model, variables: dict, adapter_dir, *, dtype=jnp.float32):
+def load_peft_adapter(model, variables: dict, adapter_dir, *, dtype=jnp.float32, residual_base: bool = False):
     """``(model with the adapter's LoRA settings, variables with its adapters as "params")``.
 
     ``model``/``variables``: a checkpoint as :func:`qlora_jax.checkpoints.load_pretrained` loads it
@@ -186,9 +193,11 @@ def load_peft_adapter(model, variables: dict, adapter_dir, *, dtype=jnp.float32)
     ones, MoE experts by their per-expert names). Refused by name: adapter settings we cannot express
     (:func:`read_peft_config`), a tensor of the file the model has no place for, a place with no
     tensor, a wrong shape, a non-finite value. ``dtype``: the adapter parameters' (float32 or
-    bfloat16, ``LoRAConfig.dtype``)."""
+    bfloat16, ``LoRAConfig.dtype``). ``residual_base``: ``variables`` hold the residual base the
+    adapter's init made (``load_pretrained`` with that ``lora.init``), so a PiSSA / OLoRA / LoftQ
+    adapter saved unconverted is read too."""
     root = pathlib.Path(adapter_dir)
-    lora, _ = read_peft_config(root)
+    lora, _ = read_peft_config(root, residual_base=residual_base)
     file = root / "adapter_model.safetensors"
     if not file.is_file():
         raise FileNotFoundError(f"{root}: no adapter_model.safetensors (PEFT's adapter weights)")

@@ -264,6 +264,27 @@ def _evaluate(eval_step, params, frozen, eval_batches, sharding, config):
     return {"eval_loss": mean, "eval_perplexity": math.exp(min(mean, 50.0))}
 
 
+def evaluate_model(config, model, variables: dict, tok=None) -> dict:
+    """What a run of ``config`` reports at an evaluation, for any ``model`` and its ``variables``
+    (``params`` may be absent: a merged model): eval loss and perplexity over the same eval
+    batches and, with a generation set, exact match (plain and normalized) of greedy answers.
+    ``tok``: the run's tokenizer (None: ``config.model_path``'s, or the byte tokenizer)."""
+    validate_config(config)
+    if tok is None:
+        tok = load_tokenizer(config.model_path) if config.model_path else ByteTokenizer()
+    data = build_data(config, tok)
+    mesh = parallel.make_mesh({"data": 1, "fsdp": 1}, devices=jax.local_devices()[:1])
+    params = variables.get("params", {})
+    m = _evaluate(jax.jit(make_eval_step(model)), params, variables["base"], data.eval,
+                  parallel.batch_sharding(mesh, 2), config)  # fmt: skip
+    if data.generation:
+        answers = _generate_answers(model, {**variables, "params": params}, tok, data.generation,
+                                    config.data.target_max_len, data.stop_ids)  # fmt: skip
+        m["exact_match"] = exact_match(answers, data.generation)
+        m["exact_match_normalized"] = exact_match(answers, data.generation, normalize=True)
+    return m
+
+
 def _generate_answers(model, variables, tok, items: list[GenerationItem], max_new_tokens: int, stops) -> list[str]:
     """Greedy answers to ``items``' prompts, each cut at its first stop token."""
     width = max(len(it.prompt_ids) for it in items)

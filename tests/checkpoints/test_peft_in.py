@@ -290,3 +290,34 @@ def test_a_fine_tune_starts_from_a_peft_adapter(tmp_path):
     assert (written["r"], written["lora_alpha"], written["use_rslora"]) == (8, 16.0, True)
     bad = run(tmp_path / "bad", f"--config.init_adapter={tmp_path / 'ckpt'}", check=False)
     assert bad.returncode != 0 and "config.init_adapter" in bad.stderr and "no PEFT adapter directory" in bad.stderr
+
+
+def test_dora_with_dropout_rescales_the_dropped_input_as_peft_does():
+    """In training with dropout, PEFT's DoRA computes x W^T + (g - 1) drop(x) W^T + g s drop(x) A^T B^T
+    + b (DoraLinearLayer with base_result=None): checked with the very mask the layer drew (its
+    Dropout's output, captured), against a float64 evaluation; the eval path is g (x W^T + s x A^T B^T) + b."""
+    import flax.linen as nn
+
+    from qlora_jax.nn import LoRADense
+
+    layer = LoRADense(48, lora=LoRAConfig(rank=4, alpha=8, dropout=0.3, use_dora=True), use_bias=True,
+                      dtype=jnp.float32)  # fmt: skip
+    x = jax.random.normal(jax.random.key(0), (5, 32))
+    v = layer.init(jax.random.key(1), x)
+    rng = np.random.default_rng(0)
+    p = jax.tree.map(lambda a: a + 0.1 * rng.standard_normal(a.shape).astype(np.float32), v["params"])
+    base = {"kernel": v["base"]["kernel"], "bias": jnp.asarray(rng.standard_normal(48), jnp.float32)}
+    dropout_out = lambda mdl, _: isinstance(mdl, nn.Dropout)  # noqa: E731
+    y, state = layer.apply({"params": p, "base": base}, x, deterministic=False, rngs={"dropout": jax.random.key(2)},
+                           capture_intermediates=dropout_out, mutable=["intermediates"])  # fmt: skip
+    h = np.asarray(jax.tree.leaves(state["intermediates"])[0], np.float64)
+    assert (h == 0).any() and not np.allclose(h, np.asarray(x))  # the mask dropped something
+    w, bias = np.asarray(base["kernel"], np.float64), np.asarray(base["bias"], np.float64)
+    a, b, m = (np.asarray(p[k], np.float64) for k in ("lora_a", "lora_b", "lora_magnitude"))
+    s = 8 / 4
+    g = m / np.linalg.norm(w + s * b @ a, axis=1)
+    x64 = np.asarray(x, np.float64)
+    want = x64 @ w.T + (g - 1) * (h @ w.T) + g * s * (h @ a.T @ b.T) + bias
+    np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-5)
+    y_eval = layer.apply({"params": p, "base": base}, x)
+    np.testing.assert_allclose(np.asarray(y_eval), g * (x64 @ w.T + s * x64 @ a.T @ b.T) + bias, rtol=1e-5, atol=1e-5)
