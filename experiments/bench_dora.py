@@ -48,17 +48,7 @@ def _config() -> LlamaConfig:
 def _measure(cfg: LlamaConfig, quant: QuantConfig | None, dora: bool):
     lora = LoRAConfig(rank=16, dropout=0.0, dtype=jnp.bfloat16, use_dora=dora)
     model = LlamaForCausalLM(cfg, lora=lora, quant=quant, remat=True)
-    v = model.init(jax.random.key(0), jnp.ones((1, 8), jnp.int32))
-    ids = jax.random.randint(jax.random.key(1), (1, _SEQ.value), 0, cfg.vocab_size)
-
-    def loss(params, base, ids):
-        return model.apply({"params": params, "base": base}, ids).astype(jnp.float32).mean()
-
-    grad = jax.jit(jax.grad(loss))
-    args = (v["params"], v["base"], ids)
-    temp = grad.lower(*args).compile().memory_analysis().temp_size_in_bytes
-    device = timing.device_seconds(grad, [args], _REPEATS.value)
-    return temp, (min(device) if device else None), timing.median_wall_seconds(grad, args, _REPEATS.value)
+    return timing.gradient_step_stats(model, _SEQ.value, _REPEATS.value)
 
 
 def main(argv):

@@ -45,17 +45,7 @@ def _config(experts: int) -> LlamaConfig:
 def _measure(cfg: LlamaConfig, dispatch: str):
     lora = dataclasses.replace(LORA, targets=cfg.linear_names)
     model = LlamaForCausalLM(cfg, lora=lora, quant=QuantConfig(), moe_dispatch=dispatch)
-    v = model.init(jax.random.key(0), jnp.ones((1, 8), jnp.int32))
-    ids = jax.random.randint(jax.random.key(1), (1, _TOKENS.value), 0, cfg.vocab_size)
-
-    def loss(params, base, ids):
-        return model.apply({"params": params, "base": base}, ids).mean()
-
-    grad = jax.jit(jax.grad(loss))
-    args = (v["params"], v["base"], ids)
-    temp = grad.lower(*args).compile().memory_analysis().temp_size_in_bytes
-    device = timing.device_seconds(grad, [args], _REPEATS.value)
-    return temp, (min(device) if device else None), timing.median_wall_seconds(grad, args, _REPEATS.value)
+    return timing.gradient_step_stats(model, _TOKENS.value, _REPEATS.value)
 
 
 def main(argv):

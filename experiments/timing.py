@@ -104,3 +104,21 @@ def slope_seconds(chain: Callable[[int], tuple[Callable, tuple]], layers: int, r
     short = median_wall_seconds(*chain(layers), repeats)
     long = median_wall_seconds(*chain(2 * layers), repeats)
     return slope(short, long, layers)
+
+
+def gradient_step_stats(model, seq_len: int, repeats: int) -> tuple[int, float | None, float]:
+    """``(temp bytes, device seconds or None off GPU, median wall seconds)`` of the adapters'
+    gradient step of ``model`` (freshly initialized) on one random ``1 x seq_len`` sequence."""
+    import jax.numpy as jnp
+
+    v = model.init(jax.random.key(0), jnp.ones((1, 8), jnp.int32))
+    ids = jax.random.randint(jax.random.key(1), (1, seq_len), 0, model.config.vocab_size)
+
+    def loss(params, base, ids):
+        return model.apply({"params": params, "base": base}, ids).astype(jnp.float32).mean()
+
+    grad = jax.jit(jax.grad(loss))
+    args = (v["params"], v["base"], ids)
+    temp = grad.lower(*args).compile().memory_analysis().temp_size_in_bytes
+    device = device_seconds(grad, [args], repeats)
+    return temp, (min(device) if device else None), median_wall_seconds(grad, args, repeats)

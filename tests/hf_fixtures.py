@@ -40,3 +40,24 @@ def nonzero_adapters(params, seed: int = 0, scale: float = 0.2):
         for i, (path, x) in enumerate(leaves)
     ]
     return jax.tree.unflatten(treedef, out)
+
+
+def byte_checkpoint(root, name: str):
+    """A random float32 checkpoint of fixture ``name``'s architecture with the byte tokenizer (its
+    vocabulary and special ids), at ``root / name``: a model_path for the entry point."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    from qlora_jax.checkpoints import export_hf, read_config
+    from qlora_jax.data import ByteTokenizer
+    from qlora_jax.nn import LlamaForCausalLM
+
+    tok = ByteTokenizer()
+    cfg = dataclasses.replace(read_config(HF / name)[0], vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
+                              eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)  # fmt: skip
+    base = LlamaForCausalLM(cfg, dtype=jnp.float32).init(jax.random.key(0), jnp.ones((1, 4), jnp.int32))["base"]
+    export_hf(root / name, cfg, base)
+    tok.save(root / name)
+    return root / name

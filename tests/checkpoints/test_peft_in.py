@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
-from hf_fixtures import HF
+from hf_fixtures import HF, byte_checkpoint
 from safetensors.numpy import load_file, save_file
 
 from qlora_jax.checkpoints import export_peft_adapter, load_peft_adapter, load_pretrained
@@ -260,22 +260,12 @@ def test_a_fine_tune_starts_from_a_peft_adapter(tmp_path):
     config records them; dropout stays the run's) and trains from its tensors: with a learning
     rate of 1e-12 one step later the exported adapter is PEFT's file to float32 rounding, and a
     path that is not an adapter is refused by its key."""
-    import dataclasses
 
     from finetune_cli import run
 
-    from qlora_jax.checkpoints import export_hf, read_config
-    from qlora_jax.data import ByteTokenizer
-    from qlora_jax.nn import LlamaForCausalLM
-
-    tok = ByteTokenizer()
-    cfg = dataclasses.replace(read_config(HF / "llama_gqa")[0], vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
-                              eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)  # fmt: skip
-    base = LlamaForCausalLM(cfg, dtype=jnp.float32).init(jax.random.key(0), jnp.ones((1, 4), jnp.int32))["base"]
-    export_hf(tmp_path / "ckpt", cfg, base)
-    tok.save(tmp_path / "ckpt")
+    ckpt = byte_checkpoint(tmp_path, "llama_gqa")
     adapter = PEFT / "llama_gqa_rslora_r8"
-    run(tmp_path / "run", f"--config.model_path={tmp_path / 'ckpt'}", f"--config.init_adapter={adapter}",
+    run(tmp_path / "run", f"--config.model_path={ckpt}", f"--config.init_adapter={adapter}",
         "--config.train.steps=1", "--config.train.learning_rate=1e-12", "--config.lora.dropout=0.0",
         "--config.train.dtype=float32")  # fmt: skip
     saved = json.loads((tmp_path / "run" / "run_config.json").read_text())["lora"]
@@ -288,7 +278,7 @@ def test_a_fine_tune_starts_from_a_peft_adapter(tmp_path):
         np.testing.assert_allclose(ours[k], theirs[k], rtol=1e-6, atol=1e-9, err_msg=k)
     written = json.loads((out / "adapter_config.json").read_text())
     assert (written["r"], written["lora_alpha"], written["use_rslora"]) == (8, 16.0, True)
-    bad = run(tmp_path / "bad", f"--config.init_adapter={tmp_path / 'ckpt'}", check=False)
+    bad = run(tmp_path / "bad", f"--config.init_adapter={ckpt}", check=False)
     assert bad.returncode != 0 and "config.init_adapter" in bad.stderr and "no PEFT adapter directory" in bad.stderr
 
 

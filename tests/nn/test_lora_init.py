@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
-from hf_fixtures import HF
+from hf_fixtures import HF, byte_checkpoint
 from safetensors.numpy import load_file
 
 from qlora_jax import quant
@@ -238,23 +238,14 @@ def test_a_pissa_fine_tune_exports_a_plain_lora_for_the_original_weights(tmp_pat
 
     from finetune_cli import run
 
-    from qlora_jax.checkpoints import export_hf, read_config
-    from qlora_jax.data import ByteTokenizer
-    from qlora_jax.nn import LlamaForCausalLM
-
-    tok = ByteTokenizer()
-    cfg = dataclasses.replace(read_config(HF / "llama_gqa")[0], vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
-                              eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)  # fmt: skip
-    base = LlamaForCausalLM(cfg, dtype=jnp.float32).init(jax.random.key(0), jnp.ones((1, 4), jnp.int32))["base"]
-    export_hf(tmp_path / "ckpt", cfg, base)
-    tok.save(tmp_path / "ckpt")
-    run(tmp_path / "run", f"--config.model_path={tmp_path / 'ckpt'}", "--config.lora.init=pissa",
+    ckpt = byte_checkpoint(tmp_path, "llama_gqa")
+    run(tmp_path / "run", f"--config.model_path={ckpt}", "--config.lora.init=pissa",
         "--config.quant.enabled=False", "--config.train.dtype=float32", "--config.train.steps=3",
         "--config.lora.dropout=0.0", "--config.export.merged=True")  # fmt: skip
     export = tmp_path / "run" / "export"
-    ids = jnp.asarray(np.random.default_rng(0).integers(0, tok.vocab_size, (2, 12)), jnp.int32)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 12)), jnp.int32)  # byte tokens
     model, v = load_peft_adapter(
-        *load_pretrained(tmp_path / "ckpt", quant=None, dtype=jnp.float32, progress=False), export / "adapter"
+        *load_pretrained(ckpt, quant=None, dtype=jnp.float32, progress=False), export / "adapter"
     )
     assert model.lora.rank == 2 * 16  # tiny.py's r=16, doubled by the conversion
     merged_model, mv = load_pretrained(export / "merged", quant=None, dtype=jnp.float32, progress=False)
