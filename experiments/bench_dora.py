@@ -37,12 +37,7 @@ VARIANTS = (  # name, base storage, DoRA
 
 
 def _config() -> LlamaConfig:
-    h = _HIDDEN.value
-    return LlamaConfig(
-        vocab_size=_VOCAB.value, hidden_size=h, intermediate_size=int(h * 2.6875) // 64 * 64,
-        num_hidden_layers=_LAYERS.value, num_attention_heads=_HEADS.value, num_key_value_heads=_HEADS.value,
-        max_position_embeddings=_SEQ.value,
-    )  # fmt: skip
+    return timing.llama_blocks(_HIDDEN.value, _HEADS.value, _LAYERS.value, _VOCAB.value, _SEQ.value)
 
 
 def _measure(cfg: LlamaConfig, quant: QuantConfig | None, dora: bool):

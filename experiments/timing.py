@@ -122,3 +122,14 @@ def gradient_step_stats(model, seq_len: int, repeats: int) -> tuple[int, float |
     temp = grad.lower(*args).compile().memory_analysis().temp_size_in_bytes
     device = device_seconds(grad, [args], repeats)
     return temp, (min(device) if device else None), median_wall_seconds(grad, args, repeats)
+
+
+def llama_blocks(hidden: int, heads: int, layers: int, vocab: int, seq: int):
+    """A LLaMA of ``layers`` blocks shaped as LLaMA-7B's (intermediate 2.6875 × hidden, multiple
+    of 64; as many key/value heads as heads) with a small vocabulary, for a benchmark's step."""
+    from qlora_jax.nn import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=int(hidden * 2.6875) // 64 * 64,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=seq,
+    )  # fmt: skip
