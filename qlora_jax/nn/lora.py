@@ -334,6 +334,15 @@ def check_trainable(params: dict) -> None:
         raise ValueError(f"trainable tree holds non-adapter leaves: {bad[:10]}")
 
 
+def float32_merge(kernel, lora_a: Array, lora_b: Array, scale: float, magnitude: Array | None = None) -> Array:
+    """``dequant(W) + s B A`` in float32 ``[out, in]``: the adapted weight exactly; with a DoRA
+    ``magnitude``, each row rescaled to it (``m / ||W + s B A||_row``)."""
+    merged = dense_weight(kernel) + scale * jnp.matmul(lora_b.astype(jnp.float32), lora_a.astype(jnp.float32))
+    if magnitude is None:
+        return merged
+    return merged * (magnitude.astype(jnp.float32) / jnp.linalg.norm(merged, axis=-1))[:, None]
+
+
 def merged_weight(
     kernel,
     lora_a: Array,
@@ -349,12 +358,7 @@ def merged_weight(
     With ``requantize`` the merged weight is quantized again (lossy, as PEFT warns) and returned
     with its error: ``(qt, {"max_abs_err", "rel_fro_err"})`` measured against the bf16 merge.
     """
-    base = quant.dequantize(kernel, jnp.float32) if isinstance(kernel, quant.QuantizedTensor) else kernel
-    delta = jnp.dot(lora_b.astype(jnp.float32), lora_a.astype(jnp.float32)) * scale
-    merged = jnp.asarray(base, jnp.float32) + delta
-    if magnitude is not None:  # DoRA: each row of W + sBA rescaled to its magnitude
-        merged = merged * (magnitude.astype(jnp.float32) / jnp.linalg.norm(merged, axis=-1))[:, None]
-    merged = merged.astype(jnp.bfloat16)
+    merged = float32_merge(kernel, lora_a, lora_b, scale, magnitude).astype(jnp.bfloat16)
     if requantize is None:
         return merged
     qt = requantize.quantize(merged, "merged_weight")

@@ -24,16 +24,12 @@ from flax import traverse_util
 
 from qlora_jax import quant
 from qlora_jax.nn.llama import stack_experts, stack_layers, unstack_experts, unstack_layers
-from qlora_jax.nn.lora import QuantConfig, dense_weight
+from qlora_jax.nn.lora import QuantConfig, dense_weight, float32_merge
 
 
 def _merge_one(kernel, a, b, m, scale: float, requantize: QuantConfig | None, name: str):
-    w = dense_weight(kernel)
-    update = scale * (b.astype(jnp.float32) @ a.astype(jnp.float32))
-    merged = w + update
-    if m is not None:  # DoRA
-        merged = merged * (m.astype(jnp.float32) / jnp.linalg.norm(merged, axis=-1))[:, None]
-        update = merged - w
+    merged = float32_merge(kernel, a, b, scale, m)
+    update = merged - dense_weight(kernel)  # s B A (DoRA: with the rows' rescaling)
     stored = merged.astype(jnp.bfloat16) if requantize is None else requantize.quantize(merged, name)
     err = dense_weight(stored) - merged
     tiny = jnp.finfo(jnp.float32).tiny
